@@ -1,0 +1,32 @@
+//! What aistack-exporter and aistack-actioner share: the node_exporter-style common flags,
+//! logging, YAML config loading with path-named problems, and serving HTTP with graceful shutdown.
+//!
+//! The two binaries stay independent programs (they talk only over HTTP); this crate only keeps
+//! them from writing the same plumbing twice.
+
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod login1;
+pub mod server;
+
+/// Makes ring the process-wide TLS crypto provider (for reqwest's rustls). Idempotent; call
+/// before building an HTTP client.
+pub fn install_tls_provider() {
+    // Err means a provider is installed already: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The crate version the binaries were built from.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git revision the binaries were built from ("unknown" outside a git checkout).
+pub const REVISION: &str = env!("AISTACK_REVISION");
+
+/// What `--version` prints after the program name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("AISTACK_REVISION"),
+    ")"
+);
