@@ -1,0 +1,436 @@
+//! Who a GPU process is: its name (`/proc/<pid>/comm`), its container (the id in
+//! `/proc/<pid>/cgroup`), the configured inference service it belongs to, and whether it is
+//! host workload — a game or anything else that is not an inference service and holds memory.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use regex::{Regex, RegexSet};
+
+use super::{GpuProcess, ProcessReading};
+use crate::config::{HostWorkloadConfig, ServiceConfig, ServiceKind};
+
+/// What /proc says about a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    /// `comm` (at most 15 characters), `None` when the pid is not visible.
+    pub comm: Option<String>,
+    /// Basename of argv[0].
+    pub argv0: String,
+    /// The command line, arguments joined by spaces.
+    pub cmdline: String,
+    /// 64-hex container id from the cgroup path, if the process runs in a container.
+    pub container_id: Option<String>,
+}
+
+/// The container id in a `/proc/<pid>/cgroup` file: Docker and Podman (cgroup v1 and v2),
+/// containerd and CRI-O under Kubernetes.
+pub fn parse_container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.rsplit('/').find_map(|segment| {
+            let id = segment.strip_suffix(".scope").unwrap_or(segment);
+            let id = ["docker-", "libpod-", "cri-containerd-", "crio-"]
+                .iter()
+                .find_map(|prefix| id.strip_prefix(prefix))
+                .unwrap_or(id);
+            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+        })
+    })
+}
+
+/// Parses `/proc/<pid>/cmdline` (NUL-separated) into (argv0 basename, joined command line).
+pub fn parse_cmdline(raw: &[u8]) -> (String, String) {
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let argv0 = args
+        .first()
+        .map(|a| a.rsplit(['/', '\\']).next().unwrap_or(a).to_owned())
+        .unwrap_or_default();
+    (argv0, args.join(" "))
+}
+
+/// Reads a process's identity under `procfs`; a pid that is not visible gives an empty one.
+pub fn read_identity(procfs: &Path, pid: u32) -> ProcessIdentity {
+    let dir = procfs.join(pid.to_string());
+    let comm = std::fs::read_to_string(dir.join("comm"))
+        .ok()
+        .map(|c| c.trim_end_matches('\n').to_owned());
+    let (argv0, cmdline) = std::fs::read(dir.join("cmdline"))
+        .map(|raw| parse_cmdline(&raw))
+        .unwrap_or_default();
+    let container_id = std::fs::read_to_string(dir.join("cgroup"))
+        .ok()
+        .and_then(|c| parse_container_id(&c));
+    ProcessIdentity {
+        comm,
+        argv0,
+        cmdline,
+        container_id,
+    }
+}
+
+/// Identities of the pids on the GPUs, read once per pid while it stays on a GPU.
+#[derive(Debug, Default)]
+pub struct IdentityCache {
+    identities: HashMap<u32, ProcessIdentity>,
+}
+
+impl IdentityCache {
+    /// Forgets pids no longer on a GPU and reads the new ones.
+    pub fn refresh(&mut self, procfs: &Path, pids: impl IntoIterator<Item = u32>) {
+        let current: HashMap<u32, ()> = pids.into_iter().map(|p| (p, ())).collect();
+        self.identities.retain(|pid, _| current.contains_key(pid));
+        for pid in current.into_keys() {
+            self.identities
+                .entry(pid)
+                .or_insert_with(|| read_identity(procfs, pid));
+        }
+    }
+
+    /// The identity of a pid read by the last refresh.
+    pub fn get(&self, pid: u32) -> Option<&ProcessIdentity> {
+        self.identities.get(&pid)
+    }
+}
+
+/// How processes are attributed, compiled from the config.
+#[derive(Debug)]
+pub struct Attribution {
+    services: Vec<ServiceMatcher>,
+    workload: RegexSet,
+    ignore: RegexSet,
+    count_unattributed: bool,
+}
+
+#[derive(Debug)]
+struct ServiceMatcher {
+    name: String,
+    container: Option<String>,
+    process: Option<Regex>,
+}
+
+/// The process pattern a service of `kind` gets when the config names neither a container nor
+/// a process.
+pub fn default_process_pattern(kind: ServiceKind) -> Option<&'static str> {
+    match kind {
+        ServiceKind::Vllm => Some("(?i)vllm"),
+        ServiceKind::Ollama => Some("(?i)ollama"),
+        ServiceKind::Localai => Some("(?i)local-?ai"),
+        ServiceKind::Openwebui | ServiceKind::Http => None,
+    }
+}
+
+impl Attribution {
+    /// Compiles the services and host-workload settings; the config was validated, so the
+    /// patterns compile.
+    pub fn new(
+        services: &[ServiceConfig],
+        workload: &HostWorkloadConfig,
+    ) -> Result<Self, regex::Error> {
+        let services = services
+            .iter()
+            .map(|s| {
+                let pattern = match (&s.process, &s.container) {
+                    (Some(p), _) => Some(p.as_str()),
+                    (None, Some(_)) => None,
+                    (None, None) => default_process_pattern(s.kind),
+                };
+                Ok(ServiceMatcher {
+                    name: s.name.clone(),
+                    container: s.container.clone(),
+                    process: pattern.map(Regex::new).transpose()?,
+                })
+            })
+            .collect::<Result<_, regex::Error>>()?;
+        Ok(Self {
+            services,
+            workload: RegexSet::new(&workload.process_patterns)?,
+            ignore: RegexSet::new(&workload.ignore_patterns)?,
+            count_unattributed: workload.count_unattributed,
+        })
+    }
+
+    /// Attributes one NVML process entry; `container_name` resolves a full container id to
+    /// its name (through the Docker engine) where it can.
+    pub fn attribute(
+        &self,
+        process: &ProcessReading,
+        identity: Option<&ProcessIdentity>,
+        container_name: &dyn Fn(&str) -> Option<String>,
+    ) -> GpuProcess {
+        let empty = ProcessIdentity::default();
+        let id = identity.unwrap_or(&empty);
+        let container = id
+            .container_id
+            .as_deref()
+            .map(|full| container_name(full).unwrap_or_else(|| full[..12].to_owned()))
+            .unwrap_or_default();
+        let names = [
+            id.comm.as_deref().unwrap_or(""),
+            id.argv0.as_str(),
+            id.cmdline.as_str(),
+        ];
+        let service = self
+            .services
+            .iter()
+            .find(|s| {
+                let by_container = s.container.as_deref().is_some_and(|c| {
+                    !container.is_empty()
+                        && (c == container
+                            || id
+                                .container_id
+                                .as_deref()
+                                .is_some_and(|full| full.starts_with(c)))
+                });
+                let by_process = s
+                    .process
+                    .as_ref()
+                    .is_some_and(|re| names.iter().any(|n| !n.is_empty() && re.is_match(n)));
+                by_container || by_process
+            })
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let holds_memory = process.used_memory_bytes != Some(0);
+        let host_workload = holds_memory
+            && service.is_empty()
+            && if names
+                .iter()
+                .any(|n| !n.is_empty() && self.workload.is_match(n))
+            {
+                true
+            } else if names[..2]
+                .iter()
+                .any(|n| !n.is_empty() && self.ignore.is_match(n))
+            {
+                false
+            } else {
+                self.count_unattributed
+            };
+        GpuProcess {
+            pid: process.pid,
+            kind: process.kind,
+            memory_bytes: process.used_memory_bytes,
+            process: id.comm.clone().unwrap_or_else(|| "unknown".into()),
+            container,
+            service,
+            host_workload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collectors::gpu::ProcessKind;
+
+    const DOCKER_V2: &str = "0::/system.slice/docker-3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b.scope\n";
+    const DOCKER_V1: &str = "12:pids:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n\
+        11:memory:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n1:name=systemd:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n";
+    const K8S: &str = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5b1c.slice/cri-containerd-aa2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b.scope\n";
+    const HOST: &str =
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n";
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b";
+        assert_eq!(parse_container_id(DOCKER_V2).as_deref(), Some(id));
+        assert_eq!(parse_container_id(DOCKER_V1).as_deref(), Some(id));
+        assert_eq!(
+            parse_container_id(&DOCKER_V2.replace("docker-", "libpod-")).as_deref(),
+            Some(id)
+        );
+        assert!(parse_container_id(K8S).unwrap().starts_with("aa2b9c0d"));
+        assert_eq!(parse_container_id(HOST), None);
+        assert_eq!(parse_container_id(""), None);
+        assert_eq!(parse_container_id("garbage"), None);
+    }
+
+    #[test]
+    fn cmdline_parts() {
+        assert_eq!(
+            parse_cmdline(b"/usr/bin/python3\0-m\0vllm.entrypoints.openai.api_server\0"),
+            (
+                "python3".into(),
+                "/usr/bin/python3 -m vllm.entrypoints.openai.api_server".into()
+            )
+        );
+        assert_eq!(
+            parse_cmdline(b"Z:\\games\\Cyberpunk2077.exe\0--launcher-skip\0"),
+            (
+                "Cyberpunk2077.exe".into(),
+                "Z:\\games\\Cyberpunk2077.exe --launcher-skip".into()
+            )
+        );
+        assert_eq!(parse_cmdline(b""), (String::new(), String::new()));
+    }
+
+    fn identity(comm: &str, cmdline: &[u8], cgroup: &str) -> ProcessIdentity {
+        let (argv0, cmdline) = parse_cmdline(cmdline);
+        ProcessIdentity {
+            comm: Some(comm.into()),
+            argv0,
+            cmdline,
+            container_id: parse_container_id(cgroup),
+        }
+    }
+
+    fn attribution(services: &str) -> Attribution {
+        let services: Vec<ServiceConfig> = serde_yaml::from_str(services).unwrap();
+        Attribution::new(&services, &HostWorkloadConfig::default()).unwrap()
+    }
+
+    fn no_names(_: &str) -> Option<String> {
+        None
+    }
+
+    fn process(pid: u32, memory: Option<u64>) -> ProcessReading {
+        ProcessReading {
+            pid,
+            kind: ProcessKind::Compute,
+            used_memory_bytes: memory,
+        }
+    }
+
+    #[test]
+    fn services_match_by_container_or_process() {
+        let a = attribution(
+            "- {name: vllm, kind: vllm, url: 'http://127.0.0.1:8000', container: 3f2b9c0d4e5f}\n\
+             - {name: ollama, kind: ollama, url: 'http://127.0.0.1:11434'}\n",
+        );
+        let vllm = identity(
+            "python3",
+            b"python3\0-m\0vllm.entrypoints.openai.api_server\0",
+            DOCKER_V2,
+        );
+        let p = a.attribute(&process(10, Some(1 << 30)), Some(&vllm), &no_names);
+        assert_eq!(
+            (p.service.as_str(), p.container.as_str(), p.host_workload),
+            ("vllm", "3f2b9c0d4e5f", false)
+        );
+
+        let ollama = identity(
+            "ollama",
+            b"/usr/bin/ollama\0runner\0--model\0/models/blob\0",
+            HOST,
+        );
+        let p = a.attribute(&process(11, Some(1 << 30)), Some(&ollama), &no_names);
+        assert_eq!(
+            (p.service.as_str(), p.container.as_str(), p.host_workload),
+            ("ollama", "", false)
+        );
+    }
+
+    #[test]
+    fn container_names_from_the_engine_match_services() {
+        let a = attribution(
+            "- {name: vllm, kind: vllm, url: 'http://127.0.0.1:8000', container: vllm-server}",
+        );
+        let id = identity("python3", b"python3\0-m\0some.server\0", DOCKER_V2);
+        let names = |full: &str| {
+            full.starts_with("3f2b9c0d")
+                .then(|| "vllm-server".to_owned())
+        };
+        let p = a.attribute(&process(10, Some(1)), Some(&id), &names);
+        assert_eq!(
+            (p.container.as_str(), p.service.as_str()),
+            ("vllm-server", "vllm")
+        );
+        // Unresolved: the short id, and no service by name.
+        let p = a.attribute(&process(10, Some(1)), Some(&id), &no_names);
+        assert_eq!(
+            (p.container.as_str(), p.service.as_str()),
+            ("3f2b9c0d4e5f", "")
+        );
+    }
+
+    #[test]
+    fn games_count_as_host_workload_and_desktops_do_not() {
+        let a = attribution("[]");
+        let game = identity("Cyberpunk2077.e", b"Z:\\games\\Cyberpunk2077.exe\0", HOST);
+        assert!(
+            a.attribute(&process(20, Some(1 << 30)), Some(&game), &no_names)
+                .host_workload
+        );
+        let steam = identity(
+            "steamwebhelper",
+            b"/home/u/.steam/ubuntu12_64/steamwebhelper\0",
+            HOST,
+        );
+        assert!(
+            a.attribute(&process(21, Some(1 << 20)), Some(&steam), &no_names)
+                .host_workload
+        );
+        let shell = identity("gnome-shell", b"/usr/bin/gnome-shell\0", HOST);
+        assert!(
+            !a.attribute(&process(22, Some(1 << 28)), Some(&shell), &no_names)
+                .host_workload
+        );
+        let bridge = identity("xwaylandvideobr", b"/usr/bin/xwaylandvideobridge\0", HOST);
+        assert!(
+            !a.attribute(&process(23, Some(1 << 20)), Some(&bridge), &no_names)
+                .host_workload
+        );
+        // Unattributed, not a desktop process: counts (ffmpeg transcoding on NVENC, say) ...
+        let ffmpeg = identity("ffmpeg", b"ffmpeg\0-hwaccel\0cuda\0", HOST);
+        assert!(
+            a.attribute(&process(24, Some(1 << 28)), Some(&ffmpeg), &no_names)
+                .host_workload
+        );
+        // ... unless it holds no memory.
+        assert!(
+            !a.attribute(&process(24, Some(0)), Some(&ffmpeg), &no_names)
+                .host_workload
+        );
+    }
+
+    #[test]
+    fn invisible_pids_are_unknown_and_still_count() {
+        let a = attribution("[]");
+        let p = a.attribute(&process(99, None), None, &no_names);
+        assert_eq!(p.process, "unknown");
+        assert!(p.host_workload, "memory unknown and not a service: counted");
+    }
+
+    #[test]
+    fn only_patterns_count_when_unattributed_processes_do_not() {
+        let config = HostWorkloadConfig {
+            count_unattributed: false,
+            ..HostWorkloadConfig::default()
+        };
+        let a = Attribution::new(&[], &config).unwrap();
+        let ffmpeg = identity("ffmpeg", b"ffmpeg\0", HOST);
+        assert!(
+            !a.attribute(&process(1, Some(1)), Some(&ffmpeg), &no_names)
+                .host_workload
+        );
+        let wine = identity("wine64-preloade", b"/usr/bin/wine64\0game.exe\0", HOST);
+        assert!(
+            a.attribute(&process(2, Some(1)), Some(&wine), &no_names)
+                .host_workload
+        );
+    }
+
+    #[test]
+    fn the_cache_reads_each_pid_once_and_forgets_departed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_dir = dir.path().join("42");
+        std::fs::create_dir_all(&pid_dir).unwrap();
+        std::fs::write(pid_dir.join("comm"), "vllm\n").unwrap();
+        let mut cache = IdentityCache::default();
+        cache.refresh(dir.path(), [42, 43]);
+        assert_eq!(cache.get(42).unwrap().comm.as_deref(), Some("vllm"));
+        assert_eq!(cache.get(43).unwrap().comm, None);
+        std::fs::write(pid_dir.join("comm"), "changed\n").unwrap();
+        cache.refresh(dir.path(), [42]);
+        assert_eq!(
+            cache.get(42).unwrap().comm.as_deref(),
+            Some("vllm"),
+            "cached"
+        );
+        assert!(cache.get(43).is_none());
+    }
+}

@@ -1,0 +1,632 @@
+//! `gpu`: NVIDIA GPUs through NVML — utilization, memory, temperature, power, energy, clocks,
+//! fans, clock-event (throttle) reasons, and per-process memory with the process's name,
+//! container and inference service, from which `gpu_host_workload_active` is derived.
+//!
+//! The collector talks to a [`GpuSource`]; [`nvml::NvmlSource`] is the real one, loading
+//! `libnvidia-ml.so.1` at run time. Without the library or a GPU the exporter runs on:
+//! `aistack_nvml_up` is 0 and the collector reports no data. When NVML goes away at run time
+//! (driver reload, eGPU unplugged) the collector drops its handle and re-initialises with
+//! exponential backoff (1 s, 2 s, ... 60 s). A field a GPU does not support is left out; one
+//! failing field never drops the others.
+
+pub mod attribution;
+pub mod nvml;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use serde::Deserialize;
+
+use self::attribution::{Attribution, IdentityCache};
+use super::docker::DockerSample;
+use super::{Collector, CollectorError, EncodeSample, Latest, blocking};
+use crate::metrics::{counter_family, gauge, gauge_family};
+
+/// One read of every GPU, in NVML's units. Fields are `None` where the GPU does not support
+/// them or the call failed.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GpuReading {
+    /// `nvmlSystemGetDriverVersion`.
+    pub driver_version: Option<String>,
+    /// `nvmlSystemGetCudaDriverVersion_v2`: 1000 * major + 10 * minor.
+    pub cuda_driver_version: Option<i32>,
+    /// Every device that answered.
+    pub devices: Vec<DeviceReading>,
+}
+
+/// One device, in NVML's units.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct DeviceReading {
+    /// NVML index.
+    pub index: u32,
+    /// Product name.
+    pub name: String,
+    /// `GPU-...` UUID.
+    pub uuid: String,
+    /// PCI bus id, `00000000:01:00.0`.
+    pub pci_bus_id: Option<String>,
+    /// Share of the last sample period a kernel ran, percent.
+    pub utilization_gpu_percent: Option<u32>,
+    /// Used framebuffer memory.
+    pub memory_used_bytes: Option<u64>,
+    /// Total framebuffer memory.
+    pub memory_total_bytes: Option<u64>,
+    /// Core temperature.
+    pub temperature_gpu_celsius: Option<u32>,
+    /// Power draw.
+    pub power_usage_milliwatts: Option<u32>,
+    /// Enforced power limit.
+    pub enforced_power_limit_milliwatts: Option<u32>,
+    /// Energy since the driver loaded (Volta and newer).
+    pub total_energy_millijoules: Option<u64>,
+    /// Current clocks.
+    #[serde(default)]
+    pub clocks_mhz: ClockReadings,
+    /// Speed of each fan, percent of its maximum; empty for fanless parts.
+    #[serde(default)]
+    pub fan_speeds_percent: Vec<u32>,
+    /// Active clock-event reasons, NVML's bitmask.
+    pub clocks_event_reasons: Option<u64>,
+    /// Compute and graphics processes.
+    #[serde(default)]
+    pub processes: Vec<ProcessReading>,
+}
+
+/// Current clocks in MHz.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct ClockReadings {
+    /// Graphics clock.
+    pub graphics: Option<u32>,
+    /// Streaming multiprocessor clock.
+    pub sm: Option<u32>,
+    /// Memory clock.
+    pub memory: Option<u32>,
+}
+
+/// A process on a GPU as NVML lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ProcessReading {
+    /// Host pid.
+    pub pid: u32,
+    /// Compute (CUDA) or graphics (OpenGL/Vulkan).
+    pub kind: ProcessKind,
+    /// Memory it holds on this GPU; `None` where NVML cannot tell.
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// `kind` label of `gpu_process_memory_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessKind {
+    /// CUDA and other compute contexts.
+    Compute,
+    /// OpenGL, Vulkan, display contexts (games, compositors).
+    Graphics,
+}
+
+impl ProcessKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Compute => "compute",
+            Self::Graphics => "graphics",
+        }
+    }
+}
+
+/// Why a read failed as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// The library, the driver or every GPU is not there (now): re-initialise later.
+    #[error("NVML unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where GPU readings come from: NVML, or a fake in tests.
+pub trait GpuSource: Send + 'static {
+    /// Reads every device. A device that fails as a whole (lost) is left out; per-field
+    /// failures are `None` fields.
+    fn read(&mut self) -> Result<GpuReading, GpuError>;
+
+    /// Drops any library handle; the next read initialises again.
+    fn reset(&mut self);
+}
+
+/// NVML clock-event reason bits and their `reason` label.
+pub const CLOCK_EVENT_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
+
+/// `12040` -> `12.4`.
+pub fn cuda_version_string(version: i32) -> String {
+    format!("{}.{}", version / 1000, (version % 1000) / 10)
+}
+
+/// A process on a GPU, attributed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuProcess {
+    /// Host pid.
+    pub pid: u32,
+    /// Compute or graphics.
+    pub kind: ProcessKind,
+    /// Memory held on this GPU.
+    pub memory_bytes: Option<u64>,
+    /// Process name (`comm`), or `unknown` when the pid is not visible (another pid namespace).
+    pub process: String,
+    /// Container name (or short id), empty outside containers.
+    pub container: String,
+    /// The configured inference service it belongs to, empty if none.
+    pub service: String,
+    /// Whether it counts as host workload (a game, not an inference service).
+    pub host_workload: bool,
+}
+
+/// One GPU, attributed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuDevice {
+    /// What NVML said.
+    pub reading: DeviceReading,
+    /// Its processes with name, container and service.
+    pub processes: Vec<GpuProcess>,
+}
+
+impl GpuDevice {
+    /// Whether any host-workload process holds memory on it.
+    pub fn host_workload_active(&self) -> bool {
+        self.processes.iter().any(|p| p.host_workload)
+    }
+
+    /// Utilization 0..1.
+    pub fn utilization(&self) -> Option<f64> {
+        self.reading
+            .utilization_gpu_percent
+            .map(|p| (f64::from(p) / 100.0).clamp(0.0, 1.0))
+    }
+
+    /// Power draw in watts.
+    pub fn power_watts(&self) -> Option<f64> {
+        self.reading
+            .power_usage_milliwatts
+            .map(|mw| f64::from(mw) / 1000.0)
+    }
+}
+
+/// One `gpu` sample.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuSample {
+    /// Driver version.
+    pub driver_version: String,
+    /// CUDA version the driver supports, `12.4`.
+    pub cuda_version: String,
+    /// Every GPU that answered.
+    pub devices: Vec<GpuDevice>,
+}
+
+impl GpuSample {
+    /// Sum of the GPUs' power draw (for the host estimate); GPUs without a reading add 0.
+    pub fn power_watts(&self) -> f64 {
+        self.devices.iter().filter_map(GpuDevice::power_watts).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+    uuid: String,
+    name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct InfoLabels {
+    driver_version: String,
+    cuda_version: String,
+    pci_bus_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClockLabel {
+    clock: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProcessLabels {
+    pid: String,
+    process: String,
+    kind: &'static str,
+    container: String,
+    service: String,
+}
+
+impl GpuDevice {
+    fn labels(&self) -> GpuLabels {
+        GpuLabels {
+            gpu: self.reading.index.to_string(),
+            uuid: self.reading.uuid.clone(),
+            name: self.reading.name.clone(),
+        }
+    }
+}
+
+impl EncodeSample for GpuSample {
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        gauge(encoder, "nvml_up", NVML_UP_HELP, None, 1.0)?;
+        let devices = &self.devices;
+        let per_gpu = |f: &dyn Fn(&GpuDevice) -> Option<f64>| {
+            devices
+                .iter()
+                .filter_map(move |d| f(d).map(|v| (d.labels(), v)))
+                .collect::<Vec<_>>()
+        };
+        gauge_family(
+            encoder,
+            "gpu_info",
+            "GPU identity, driver and CUDA version; always 1.",
+            None,
+            devices.iter().map(|d| {
+                let info = InfoLabels {
+                    driver_version: self.driver_version.clone(),
+                    cuda_version: self.cuda_version.clone(),
+                    pci_bus_id: d.reading.pci_bus_id.clone().unwrap_or_default(),
+                };
+                ((d.labels(), info), 1.0)
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_utilization",
+            "Share of the last sample period in which a kernel ran on the GPU, 0..1.",
+            Some("ratio"),
+            per_gpu(&GpuDevice::utilization),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_memory_used",
+            "GPU memory in use.",
+            Some("bytes"),
+            per_gpu(&|d| d.reading.memory_used_bytes.map(|b| b as f64)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_memory_total",
+            "GPU memory installed.",
+            Some("bytes"),
+            per_gpu(&|d| d.reading.memory_total_bytes.map(|b| b as f64)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_temperature",
+            "GPU core temperature.",
+            Some("celsius"),
+            per_gpu(&|d| d.reading.temperature_gpu_celsius.map(f64::from)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_power",
+            "GPU power draw.",
+            Some("watts"),
+            per_gpu(&GpuDevice::power_watts),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_power_limit",
+            "GPU power limit the driver enforces.",
+            Some("watts"),
+            per_gpu(&|d| {
+                d.reading
+                    .enforced_power_limit_milliwatts
+                    .map(|mw| f64::from(mw) / 1000.0)
+            }),
+        )?;
+        counter_family(
+            encoder,
+            "gpu_energy",
+            "Energy the GPU used since the driver loaded (Volta and newer).",
+            Some("joules"),
+            per_gpu(&|d| {
+                d.reading
+                    .total_energy_millijoules
+                    .map(|mj| mj as f64 / 1000.0)
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_clock",
+            "Current GPU clock.",
+            Some("hertz"),
+            devices.iter().flat_map(|d| {
+                let c = d.reading.clocks_mhz;
+                [("graphics", c.graphics), ("sm", c.sm), ("memory", c.memory)]
+                    .into_iter()
+                    .filter_map(move |(clock, mhz)| {
+                        Some(((d.labels(), ClockLabel { clock }), f64::from(mhz?) * 1e6))
+                    })
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_fan_speed",
+            "Fan speed as a share of its maximum, averaged over the GPU's fans; absent without a fan.",
+            Some("ratio"),
+            per_gpu(&|d| {
+                let fans = &d.reading.fan_speeds_percent;
+                (!fans.is_empty()).then(|| {
+                    let mean = fans.iter().map(|&f| f64::from(f)).sum::<f64>() / fans.len() as f64;
+                    (mean / 100.0).clamp(0.0, 1.0)
+                })
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_throttle_active",
+            "1 for each clock-event (throttle) reason active now, 0 for the others.",
+            None,
+            devices.iter().flat_map(|d| {
+                d.reading
+                    .clocks_event_reasons
+                    .into_iter()
+                    .flat_map(move |bits| {
+                        CLOCK_EVENT_REASONS.iter().map(move |(bit, reason)| {
+                            let active = if bits & bit != 0 { 1.0 } else { 0.0 };
+                            ((d.labels(), ReasonLabel { reason }), active)
+                        })
+                    })
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_process_memory",
+            "GPU memory held by a process, with its name, container and inference service.",
+            Some("bytes"),
+            devices.iter().flat_map(|d| {
+                d.processes.iter().filter_map(move |p| {
+                    let labels = ProcessLabels {
+                        pid: p.pid.to_string(),
+                        process: p.process.clone(),
+                        kind: p.kind.as_str(),
+                        container: p.container.clone(),
+                        service: p.service.clone(),
+                    };
+                    Some(((d.labels(), labels), p.memory_bytes? as f64))
+                })
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_host_workload_active",
+            "1 when a GPU process that is no configured inference service (a game, say) holds memory.",
+            None,
+            per_gpu(&|d| Some(if d.host_workload_active() { 1.0 } else { 0.0 })),
+        )
+    }
+
+    fn encode_missing(encoder: &mut DescriptorEncoder) -> fmt::Result {
+        gauge(encoder, "nvml_up", NVML_UP_HELP, None, 0.0)
+    }
+}
+
+const NVML_UP_HELP: &str = "1 when the NVML library is loaded and answers, 0 otherwise.";
+
+/// Exponential backoff for re-initialising NVML.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn ready(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    fn failed(&mut self, now: Instant) -> Duration {
+        let delay = Duration::from_secs(1u64 << self.failures.min(6)).min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(now + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
+struct Inner {
+    source: Box<dyn GpuSource>,
+    identities: IdentityCache,
+}
+
+/// Samples the GPUs through a [`GpuSource`] and attributes their processes.
+pub struct GpuCollector {
+    inner: Arc<Mutex<Inner>>,
+    attribution: Arc<Attribution>,
+    procfs: PathBuf,
+    backoff: Backoff,
+    /// Whether the last attempt reached NVML (`None` before the first), for logging changes.
+    up: Option<bool>,
+    /// The docker collector's containers, to name the containers GPU processes run in.
+    containers: Option<Latest<DockerSample>>,
+}
+
+impl fmt::Debug for GpuCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuCollector")
+            .field("procfs", &self.procfs)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuCollector {
+    /// Reads GPUs from `source`; process names and containers from `procfs`.
+    pub fn new(source: Box<dyn GpuSource>, procfs: PathBuf, attribution: Attribution) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                source,
+                identities: IdentityCache::default(),
+            })),
+            attribution: Arc::new(attribution),
+            procfs,
+            backoff: Backoff::default(),
+            up: None,
+            containers: None,
+        }
+    }
+
+    /// Names containers from the docker collector's latest sample (else they are short ids).
+    pub fn with_container_names(mut self, containers: Latest<DockerSample>) -> Self {
+        self.containers = Some(containers);
+        self
+    }
+
+    fn note_up(&mut self, up: bool, reason: &str) {
+        match (self.up, up) {
+            (None, false) => {
+                tracing::info!(collector = "gpu", %reason, "no GPU metrics until NVML answers; retrying with backoff")
+            }
+            (Some(true), false) => {
+                tracing::warn!(collector = "gpu", %reason, "NVML went away; retrying with backoff")
+            }
+            (Some(false), true) => tracing::info!(collector = "gpu", "NVML is back"),
+            _ => {}
+        }
+        self.up = Some(up);
+    }
+}
+
+fn read_and_attribute(
+    inner: &Mutex<Inner>,
+    attribution: &Attribution,
+    procfs: &std::path::Path,
+    containers: Option<&DockerSample>,
+) -> Result<GpuSample, GpuError> {
+    let mut inner = inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let reading = inner.source.read()?;
+    let names = |id: &str| {
+        containers
+            .and_then(|c| c.container_name(id))
+            .map(str::to_owned)
+    };
+    Ok(attribute_reading(
+        reading,
+        attribution,
+        &mut inner.identities,
+        procfs,
+        &names,
+    ))
+}
+
+/// Turns a reading into a sample: names, containers and services of its processes (pids read
+/// from `procfs`, once per pid while it stays on a GPU).
+pub fn attribute_reading(
+    reading: GpuReading,
+    attribution: &Attribution,
+    identities: &mut IdentityCache,
+    procfs: &std::path::Path,
+    container_name: &dyn Fn(&str) -> Option<String>,
+) -> GpuSample {
+    let pids = reading
+        .devices
+        .iter()
+        .flat_map(|d| d.processes.iter().map(|p| p.pid));
+    identities.refresh(procfs, pids);
+    let devices = reading
+        .devices
+        .into_iter()
+        .map(|device| {
+            let processes = device
+                .processes
+                .iter()
+                .map(|p| attribution.attribute(p, identities.get(p.pid), container_name))
+                .collect();
+            GpuDevice {
+                reading: device,
+                processes,
+            }
+        })
+        .collect();
+    GpuSample {
+        driver_version: reading.driver_version.unwrap_or_default(),
+        cuda_version: reading
+            .cuda_driver_version
+            .map(cuda_version_string)
+            .unwrap_or_default(),
+        devices,
+    }
+}
+
+impl Collector for GpuCollector {
+    type Sample = GpuSample;
+
+    async fn sample(&mut self, now: Instant) -> Result<GpuSample, CollectorError> {
+        if !self.backoff.ready(now) {
+            return Err(CollectorError::NoData(
+                "NVML unavailable; waiting to retry".into(),
+            ));
+        }
+        let containers = self
+            .containers
+            .as_ref()
+            .and_then(|c| c.borrow().sample.clone());
+        let (inner, attribution, procfs) = (
+            self.inner.clone(),
+            self.attribution.clone(),
+            self.procfs.clone(),
+        );
+        let result = blocking(move || {
+            Ok(read_and_attribute(
+                &inner,
+                &attribution,
+                &procfs,
+                containers.as_deref(),
+            ))
+        })
+        .await?;
+        match result {
+            Ok(sample) => {
+                self.backoff.succeeded();
+                self.note_up(true, "");
+                Ok(sample)
+            }
+            Err(GpuError::Unavailable(reason)) => {
+                let inner = self.inner.clone();
+                // Drop the handle (nvmlShutdown) off the runtime: it is an FFI call too.
+                blocking(move || {
+                    inner
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .source
+                        .reset();
+                    Ok(())
+                })
+                .await?;
+                let delay = self.backoff.failed(now);
+                self.note_up(false, &reason);
+                Err(CollectorError::NoData(format!(
+                    "{reason}; retrying in {delay:?}"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

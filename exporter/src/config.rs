@@ -1,0 +1,344 @@
+//! The exporter's config file (`/etc/aistack/exporter.yaml` by default). Every key is optional;
+//! with no file the exporter runs on these defaults.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aistack_common::config::{HumanDuration, Problems, Validate};
+use serde::Deserialize;
+
+use crate::collectors::docker::DockerConfig;
+use crate::collectors::power::PowerEstimationConfig;
+use crate::collectors::services::DiscoveryConfig;
+use crate::collectors::wol::WolConfig;
+use crate::collectors::{CollectorKind, Schedule};
+use crate::idle::IdleConfig;
+
+/// Where the config is read from when `--config.file` is not given (if the file exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/aistack/exporter.yaml";
+
+/// Shortest allowed sampling interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The whole exporter config.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Per-collector switch and schedule, keyed by collector name (`cpu`, `rapl`, ...).
+    pub collectors: BTreeMap<String, CollectorSchedule>,
+    /// How `aistack_host_power_estimated_watts` is computed.
+    pub power_estimation: PowerEstimationConfig,
+    /// NVML settings for the `gpu` collector.
+    pub gpu: GpuConfig,
+    /// Inference services on this host: GPU processes are attributed to them.
+    pub services: Vec<ServiceConfig>,
+    /// What counts as host workload (a game) on the GPU.
+    pub host_workload: HostWorkloadConfig,
+    /// Where the Docker engine listens.
+    pub docker: DockerConfig,
+    /// Finding services without config.
+    pub discovery: DiscoveryConfig,
+    /// Which interfaces the wol collector reports.
+    pub wol: WolConfig,
+    /// When the host counts as idle, and what blocks suspending.
+    pub idle: IdleConfig,
+}
+
+/// `gpu:`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// The NVML library to load: a file name searched the usual way, or a path (default
+    /// `libnvidia-ml.so.1`).
+    pub nvml_library: String,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            nvml_library: "libnvidia-ml.so.1".into(),
+        }
+    }
+}
+
+/// One entry of `services:`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name, the `service` label.
+    pub name: String,
+    /// What it is.
+    pub kind: ServiceKind,
+    /// Base URL.
+    pub url: String,
+    /// The container it runs in (name or id prefix), for attributing GPU processes.
+    pub container: Option<String>,
+    /// Regex on the process name or command line, for attributing GPU processes; defaults
+    /// by kind when no container is given (`vllm`, `ollama`, `local-?ai`).
+    pub process: Option<String>,
+}
+
+/// `services[].kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// vLLM's OpenAI-compatible server.
+    Vllm,
+    /// Ollama.
+    Ollama,
+    /// Open WebUI.
+    Openwebui,
+    /// LocalAI.
+    Localai,
+    /// Anything with an HTTP health URL.
+    Http,
+}
+
+/// `host_workload:`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostWorkloadConfig {
+    /// Regexes on a GPU process's name or command line that always count as host workload.
+    pub process_patterns: Vec<String>,
+    /// Regexes on a process name (`comm` or argv[0]) that never count unless a process pattern
+    /// matches: the desktop's own GPU clients.
+    pub ignore_patterns: Vec<String>,
+    /// Whether any other process that is no configured service counts too (default true).
+    pub count_unattributed: bool,
+}
+
+impl Default for HostWorkloadConfig {
+    fn default() -> Self {
+        let strings = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            process_patterns: strings(&["steam", "gamescope", "wine", "proton", r"\.exe$"]),
+            ignore_patterns: strings(&[
+                "^(Xorg|Xwayland|X)$",
+                "^(gnome-shell|mutter|kwin_wayland|kwin_x11|plasmashell|plasma-.*|xwaylandvideobr.*)$",
+                "^(sway|Hyprland|weston|cosmic-comp|labwc|river|wayfire|niri)$",
+                "^(nvidia-persistenced|nvidia-smi|nv-hostengine|dcgm.*)$",
+                "^(firefox|chrome|chromium|brave|Isolated Web Co|GPU Process)$",
+            ]),
+            count_unattributed: true,
+        }
+    }
+}
+
+/// `collectors.<name>:` — every key optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSchedule {
+    /// Run this collector (default: the collector's own default, true for all of them today).
+    /// `--collector.<name>` / `--no-collector.<name>` override it.
+    pub enabled: Option<bool>,
+    /// Time between samples (default: the collector's, 1s for most, 5s for hwmon).
+    pub interval: Option<HumanDuration>,
+    /// Longest one sample may take before it counts as failed (default: the interval).
+    pub timeout: Option<HumanDuration>,
+}
+
+impl Config {
+    /// Whether `kind` runs: the command-line override, else the config, else its default.
+    pub fn enabled(&self, kind: CollectorKind, flag: Option<bool>) -> bool {
+        flag.or_else(|| self.collectors.get(kind.name()).and_then(|s| s.enabled))
+            .unwrap_or(kind.enabled_by_default())
+    }
+
+    /// When `kind` samples.
+    pub fn schedule(&self, kind: CollectorKind) -> Schedule {
+        let configured = self
+            .collectors
+            .get(kind.name())
+            .copied()
+            .unwrap_or_default();
+        let interval = configured
+            .interval
+            .map_or(kind.default_interval(), Duration::from);
+        let default_timeout = match kind {
+            // A probe's own timeout: a hung service must fail its probe, not the whole sample.
+            CollectorKind::Services => Duration::from_secs(2).min(interval),
+            _ => interval,
+        };
+        Schedule {
+            interval,
+            timeout: configured.timeout.map_or(default_timeout, Duration::from),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, problems: &mut Problems) {
+        for (name, configured) in &self.collectors {
+            let Some(kind) = CollectorKind::ALL.into_iter().find(|k| k.name() == name) else {
+                let known: Vec<&str> = CollectorKind::ALL.iter().map(|k| k.name()).collect();
+                problems.push(
+                    format!("collectors.{name}"),
+                    format!("unknown collector; known: {}", known.join(", ")),
+                );
+                continue;
+            };
+            let schedule = self.schedule(kind);
+            if configured.interval.is_some() {
+                problems.check(
+                    schedule.interval >= MIN_INTERVAL,
+                    format!("collectors.{kind}.interval"),
+                    format!("must be at least {}", HumanDuration(MIN_INTERVAL)),
+                );
+            }
+            if configured.timeout.is_some() {
+                problems.check(
+                    !schedule.timeout.is_zero() && schedule.timeout <= schedule.interval,
+                    format!("collectors.{kind}.timeout"),
+                    format!(
+                        "must be more than 0 and at most the interval ({})",
+                        HumanDuration(schedule.interval)
+                    ),
+                );
+            }
+        }
+        self.power_estimation.validate(problems);
+        self.idle.validate(problems);
+        problems.check(
+            !self.gpu.nvml_library.trim().is_empty(),
+            "gpu.nvml_library",
+            "must not be empty",
+        );
+        let mut names = std::collections::BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = |key: &str| format!("services[{i}].{key}");
+            if service.name.trim().is_empty() {
+                problems.push(at("name"), "must not be empty");
+            } else if !names.insert(service.name.as_str()) {
+                problems.push(
+                    at("name"),
+                    format!("duplicate service name {:?}", service.name),
+                );
+            }
+            let url_ok = service
+                .url
+                .parse::<axum::http::Uri>()
+                .ok()
+                .is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                });
+            problems.check(
+                url_ok,
+                at("url"),
+                format!(
+                    "invalid URL {:?}: expected http://host[:port][/path]",
+                    service.url
+                ),
+            );
+            if let Some(pattern) = &service.process {
+                check_regex(problems, &at("process"), pattern);
+            }
+        }
+        for (key, patterns) in [
+            ("process_patterns", &self.host_workload.process_patterns),
+            ("ignore_patterns", &self.host_workload.ignore_patterns),
+        ] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                check_regex(problems, &format!("host_workload.{key}[{i}]"), pattern);
+            }
+        }
+    }
+}
+
+fn check_regex(problems: &mut Problems, path: &str, pattern: &str) {
+    if let Err(err) = regex::Regex::new(pattern) {
+        let text = err.to_string();
+        let reason = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(&text);
+        problems.push(
+            path,
+            format!(
+                "invalid regex {pattern:?}: {}",
+                reason.trim().trim_start_matches("error: ")
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aistack_common::config::parse;
+
+    use super::*;
+
+    #[test]
+    fn defaults_without_a_file() {
+        let config: Config = parse("").unwrap();
+        assert!(config.enabled(CollectorKind::Cpu, None));
+        assert_eq!(
+            config.schedule(CollectorKind::Hwmon),
+            Schedule {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(config.power_estimation.baseline_watts, 30.0);
+    }
+
+    #[test]
+    fn flags_win_over_config() {
+        let config: Config =
+            parse("collectors: {cpu: {enabled: false}, rapl: {interval: 2s}}").unwrap();
+        assert!(!config.enabled(CollectorKind::Cpu, None));
+        assert!(config.enabled(CollectorKind::Cpu, Some(true)));
+        assert!(!config.enabled(CollectorKind::Rapl, Some(false)));
+        assert_eq!(
+            config.schedule(CollectorKind::Rapl).interval,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            config.schedule(CollectorKind::Rapl).timeout,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = "collectors:\n  cpu: {interval: 10ms}\n  hwmon: {interval: 1s, timeout: 2s}\n\
+                    power_estimation: {baseline_watts: -3}\n";
+        let lines: Vec<String> = parse::<Config>(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "collectors.cpu.interval: must be at least 100ms",
+                "collectors.hwmon.timeout: must be more than 0 and at most the interval (1s)",
+                "power_estimation.baseline_watts: must be a number of watts >= 0, got -3",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_collectors_and_keys_are_errors() {
+        let problems = parse::<Config>("collectors: {gpux: {}, cpux: {}}").unwrap_err();
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "collectors.cpux: unknown collector; known: cpu, rapl, hwmon, gpu, power, docker, services, wol, logind, idle",
+                "collectors.gpux: unknown collector; known: cpu, rapl, hwmon, gpu, power, docker, services, wol, logind, idle",
+            ]
+        );
+        let problems = parse::<Config>("collectors: {cpu: {intervall: 1s}}").unwrap_err();
+        assert_eq!(problems[0].path, "collectors.cpu.intervall");
+        assert!(
+            problems[0].message.contains("unknown field `intervall`"),
+            "{problems:?}"
+        );
+        let problems = parse::<Config>("colectors: {}").unwrap_err();
+        assert!(
+            problems[0].message.contains("unknown field `colectors`"),
+            "{problems:?}"
+        );
+    }
+}
