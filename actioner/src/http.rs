@@ -1,0 +1,405 @@
+//! The HTTP surface. Handlers authenticate, parse and hand decisions to the recorder; they
+//! never run an action themselves.
+//!
+//! | method, path | auth |
+//! |---|---|
+//! | `GET /`, `/healthz`, `/metrics` | none |
+//! | `POST /api/v1/alerts` (Alertmanager webhook v4) | bearer or Basic |
+//! | `POST /api/v1/wake` | the relay key in the body, or bearer/Basic |
+//! | `GET /api/v1/actions?limit=N`, `POST /api/v1/actions/{action}` | bearer or Basic |
+//! | `GET /api/v1/state`, `POST /api/v1/pause`, `POST /api/v1/resume` | bearer or Basic |
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::actions::RawWake;
+use crate::alert::parse_payload;
+use crate::auth::Auth;
+use crate::config::{ActionKind, MacAddress};
+use crate::metrics::{CodeLabel, Metrics};
+use crate::recorder::{ManualError, ManualRequest, Outcome, RecordError, Recorder, WAKE_RELAY};
+
+/// The content type of the OpenMetrics text format.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Longest a webhook waits for its decision to be on disk.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a manual trigger waits for its action to end before answering 202.
+const MANUAL_WAIT: Duration = Duration::from_secs(60);
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    metrics: Metrics,
+    recorder: Recorder,
+    auth: Arc<Auth>,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Serves `metrics`, decides through `recorder`, admits who `auth` allows.
+    pub fn new(metrics: Metrics, recorder: Recorder, auth: Auth, max_body_bytes: usize) -> Self {
+        Self {
+            metrics,
+            recorder,
+            auth: Arc::new(auth),
+            max_body_bytes,
+        }
+    }
+}
+
+/// An API error: a status and a message for the client; server faults are logged once here.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400.
+    BadRequest(String),
+    /// 401, with a `WWW-Authenticate` challenge.
+    Unauthorized,
+    /// 403.
+    Forbidden(String),
+    /// 404.
+    NotFound(String),
+    /// 409.
+    Conflict(String),
+    /// 415.
+    UnsupportedMediaType,
+    /// 500.
+    Internal(String),
+    /// 503.
+    Unavailable(String),
+}
+
+impl From<RecordError> for ApiError {
+    fn from(err: RecordError) -> Self {
+        match err {
+            RecordError::Journal(_) => ApiError::Internal(err.to_string()),
+            RecordError::Overloaded | RecordError::Stopped => {
+                ApiError::Unavailable(err.to_string())
+            }
+        }
+    }
+}
+
+impl From<ManualError> for ApiError {
+    fn from(err: ManualError) -> Self {
+        match err {
+            ManualError::Paused | ManualError::Cooldown(_) => ApiError::Conflict(err.to_string()),
+            ManualError::BadTarget(why) => ApiError::BadRequest(why),
+            ManualError::Record(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized => {
+                let body = axum::Json(serde_json::json!({"error": "unauthorized"}));
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(
+                        header::WWW_AUTHENTICATE,
+                        "Bearer, Basic realm=\"aistack-actioner\"",
+                    )],
+                    body,
+                )
+                    .into_response();
+            }
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "expected Content-Type: application/json".to_owned(),
+            ),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, m)
+            }
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "request refused");
+                (StatusCode::SERVICE_UNAVAILABLE, m)
+            }
+        };
+        (status, axum::Json(serde_json::json!({"error": message}))).into_response()
+    }
+}
+
+/// The actioner's router.
+pub fn app(state: AppState) -> Router {
+    let authenticated = middleware::from_fn_with_state(state.clone(), require_auth);
+    let api = Router::new()
+        .route("/api/v1/actions", get(list_actions))
+        .route("/api/v1/actions/{action}", post(trigger))
+        .route("/api/v1/state", get(show_state))
+        .route("/api/v1/pause", post(pause))
+        .route("/api/v1/resume", post(resume))
+        .route_layer(authenticated.clone())
+        .layer(RequestBodyLimitLayer::new(64 * 1024));
+    let alerts = Router::new()
+        .route("/api/v1/alerts", post(receive_alerts))
+        .route_layer(authenticated)
+        .layer(RequestBodyLimitLayer::new(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_webhooks,
+        ));
+    let wake = Router::new()
+        .route("/api/v1/wake", post(wake_relay))
+        .layer(RequestBodyLimitLayer::new(64 * 1024));
+    Router::new()
+        .route("/", get(landing))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .merge(alerts)
+        .merge(wake)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(90),
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.auth.allows(request.headers()) {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Counts every webhook answer by code, refusals by the body limit and auth included.
+async fn count_webhooks(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    state
+        .metrics
+        .webhooks
+        .get_or_create(&CodeLabel {
+            code: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+async fn receive_alerts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let payload = parse_payload(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let receipt = tokio::time::timeout(DECISION_TIMEOUT, state.recorder.webhook(payload))
+        .await
+        .map_err(|_| ApiError::Unavailable("timed out waiting for the journal".into()))??;
+    Ok(axum::Json(serde_json::json!({"status": "ok", "received": receipt.received, "planned": receipt.planned})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WakeRequest {
+    target: Option<String>,
+    mac: Option<String>,
+    broadcast: Option<String>,
+    port: Option<u16>,
+    key: Option<String>,
+}
+
+async fn wake_relay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: WakeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed wake request: {e}")))?;
+    let by_key = request
+        .key
+        .as_deref()
+        .is_some_and(|k| state.auth.wake_key_matches(k));
+    if !by_key && !state.auth.allows(&headers) {
+        return Err(ApiError::Forbidden("wrong or missing key".into()));
+    }
+    let manual = match (&request.target, &request.mac) {
+        (Some(target), None) => ManualRequest {
+            action: ActionKind::Wake,
+            target: Some(target.clone()),
+            raw_wake: None,
+            dry_run: false,
+            source: WAKE_RELAY,
+        },
+        (None, Some(mac)) => {
+            let mac: MacAddress = mac.parse().map_err(ApiError::BadRequest)?;
+            let broadcast: IpAddr = request
+                .broadcast
+                .as_deref()
+                .unwrap_or("255.255.255.255")
+                .parse()
+                .map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "invalid broadcast address {:?}",
+                        request.broadcast
+                    ))
+                })?;
+            let port = request.port.unwrap_or(9);
+            if port == 0 {
+                return Err(ApiError::BadRequest("port must be 1..65535".into()));
+            }
+            ManualRequest {
+                action: ActionKind::Wake,
+                target: None,
+                raw_wake: Some(RawWake {
+                    mac,
+                    broadcast,
+                    port,
+                    secureon: None,
+                }),
+                dry_run: false,
+                source: WAKE_RELAY,
+            }
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either \"target\" or \"mac\"".into(),
+            ));
+        }
+    };
+    let outcome = state.recorder.manual(manual).await?;
+    match tokio::time::timeout(MANUAL_WAIT, outcome).await {
+        Ok(Ok(Outcome::Succeeded(_) | Outcome::DryRun(_))) => {
+            Ok(axum::Json(serde_json::json!({"status": "ok"})).into_response())
+        }
+        Ok(Ok(Outcome::Failed(why) | Outcome::Skipped(why))) => {
+            Err(ApiError::Internal(format!("wake failed: {why}")))
+        }
+        Ok(Err(_)) | Err(_) => Err(ApiError::Internal("wake did not finish".into())),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerRequest {
+    target: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn trigger(
+    State(state): State<AppState>,
+    Path(action): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = ActionKind::from_name(&action)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown action {action:?}")))?;
+    let request: TriggerRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TriggerRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed request: {e}")))?
+    };
+    let outcome = state
+        .recorder
+        .manual(ManualRequest {
+            action: kind,
+            target: request.target,
+            raw_wake: None,
+            dry_run: request.dry_run,
+            source: "api",
+        })
+        .await?;
+    match tokio::time::timeout(MANUAL_WAIT, outcome).await {
+        Ok(Ok(outcome)) => Ok(axum::Json(outcome).into_response()),
+        Ok(Err(_)) => Err(ApiError::Internal(
+            "the action ended without a result".into(),
+        )),
+        Err(_) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"status": "running"})),
+        )
+            .into_response()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn list_actions(
+    State(state): State<AppState>,
+    Query(limit): Query<Limit>,
+) -> Result<Response, ApiError> {
+    let limit = limit
+        .limit
+        .unwrap_or(50)
+        .clamp(1, crate::recorder::RECENT_CAPACITY);
+    Ok(axum::Json(state.recorder.recent(limit).await?).into_response())
+}
+
+async fn show_state(State(state): State<AppState>) -> Result<Response, ApiError> {
+    Ok(axum::Json(state.recorder.state().await?).into_response())
+}
+
+async fn pause(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.recorder.set_paused(true).await?;
+    Ok(axum::Json(serde_json::json!({"paused": true})).into_response())
+}
+
+async fn resume(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.recorder.set_paused(false).await?;
+    Ok(axum::Json(serde_json::json!({"paused": false})).into_response())
+}
+
+async fn landing() -> Html<String> {
+    Html(aistack_common::server::landing_page(
+        "aistack-actioner",
+        &[
+            ("/metrics", "metrics"),
+            ("/healthz", "health check"),
+            ("/api/v1/state", "state (authenticated)"),
+            ("/api/v1/actions", "journal tail (authenticated)"),
+        ],
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut body = String::new();
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &state.metrics.registry)
+    {
+        tracing::error!(%err, "encoding metrics failed");
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        )
+            .into_response();
+    }
+    ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
+}

@@ -1,0 +1,89 @@
+//! aistack-actioner: parse flags, load and check config, serve until SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use aistack_actioner::auth::Auth;
+use aistack_actioner::cli::{Cli, Command};
+use aistack_actioner::config::{Config, DEFAULT_CONFIG_PATH};
+use aistack_actioner::{Actioner, build_actions, check_files};
+use aistack_common::config::{self, ConfigError};
+use aistack_common::{logging, server};
+use anyhow::Context as _;
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.common.log_level, cli.common.log_format);
+    let config_path = config::resolve_path(
+        cli.common.config_file.as_deref(),
+        Path::new(DEFAULT_CONFIG_PATH),
+    );
+    match cli.command {
+        Some(Command::CheckConfig) => check_config(config_path.as_deref()),
+        None => match run(&cli, config_path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), "exiting");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Loads the config and checks its secret files.
+fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let config: Config = config::load(path)?;
+    check_files(&config, path.unwrap_or(Path::new("<built-in defaults>")))?;
+    Ok(config)
+}
+
+fn check_config(path: Option<&Path>) -> ExitCode {
+    match load(path) {
+        Ok(_) => {
+            match path {
+                Some(path) => println!("{}: ok", path.display()),
+                None => println!(
+                    "no config file ({DEFAULT_CONFIG_PATH} absent): built-in defaults are valid"
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            for line in err.lines() {
+                eprintln!("{line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(config_path.as_deref()).map_err(|err| anyhow::anyhow!("{err}"))?;
+    tracing::info!(
+        config = %config_path.as_deref().map_or("<built-in defaults>".into(), |p| p.display().to_string()),
+        host = %config.host_name(),
+        rules = config.rules.len(),
+        dry_run = config.dry_run,
+        "loaded config"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        tracing::info!(
+            version = aistack_common::LONG_VERSION,
+            "starting aistack-actioner"
+        );
+        let auth = Auth::load(&config).context("reading the secret files")?;
+        let actions = build_actions(&config)?;
+        let actioner = Actioner::start(&config, auth, actions)?;
+        let listener = server::bind(&cli.listen_address)
+            .await
+            .with_context(|| format!("listening on {}", cli.listen_address))?;
+        server::serve(listener, actioner.router).await?;
+        Ok(())
+    })
+}

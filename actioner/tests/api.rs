@@ -1,0 +1,651 @@
+//! The actioner's API and safety rules, through its router (tower `oneshot`), with a real
+//! journal in a temporary state directory and the real wake action on loopback.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use aistack_actioner::actions::Actions;
+use aistack_actioner::auth::Auth;
+use aistack_actioner::config::Config;
+use aistack_actioner::journal::{Event, Journal, JournalEntry};
+use aistack_actioner::{Actioner, build_actions};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+const TOKEN: &str = "0123456789abcdef";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    udp: UdpSocket,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            udp,
+        }
+    }
+
+    fn config(&self, extra_rules: &str) -> Config {
+        let port = self.udp.local_addr().unwrap().port();
+        let yaml = format!(
+            r#"
+host: gpu-box
+state_dir: {state}
+auth: {{bearer_token_file: /dev/null}}
+rules:
+  - {{name: wake-nas, match: {{alertname: NasNeeded}}, action: wake, target: nas, cooldown: 1h}}
+  - {{name: wake-host, match: {{alertname: WakeHost}}, action: wake}}
+  - {{name: dry, match: {{alertname: DryRun}}, action: wake, target: nas, dry_run: true}}
+{extra_rules}
+actions:
+  wake:
+    targets:
+      nas: {{mac: "aa:bb:cc:dd:ee:ff", broadcast: 127.0.0.1, port: {port}}}
+      gpu-box: {{mac: "aa:bb:cc:dd:ee:01", broadcast: 127.0.0.1, port: {port}}}
+      secure: {{mac: "aa:bb:cc:dd:ee:02", broadcast: 127.0.0.1, port: {port}, secureon: "01:02:03:04:05:06"}}
+"#,
+            state = self.dir.path().join("state").display(),
+        );
+        aistack_common::config::parse(&yaml).unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    fn start(&self, extra_rules: &str) -> Actioner {
+        let config = self.config(extra_rules);
+        let actions: Actions = build_actions(&config).unwrap();
+        Actioner::start(
+            &config,
+            Auth::from_secrets(TOKEN, Some(("am", "pw")), Some("relay-key")),
+            actions,
+        )
+        .unwrap()
+    }
+
+    fn packets(&self) -> usize {
+        self.udp.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        while self.udp.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+        self.udp.set_nonblocking(false).unwrap();
+        n
+    }
+
+    fn journal(&self) -> Vec<JournalEntry> {
+        Journal::open(&self.dir.path().join("state"), 1 << 30, 4)
+            .unwrap()
+            .1
+    }
+}
+
+fn webhook(alerts: &str) -> String {
+    format!(
+        r#"{{"version":"4","groupKey":"{{}}:{{}}","status":"firing","receiver":"aistack","externalURL":"http://am:9093","alerts":[{alerts}]}}"#
+    )
+}
+
+fn alert(name: &str, fingerprint: &str, starts_at: &str, status: &str) -> String {
+    format!(
+        r#"{{"status":"{status}","labels":{{"alertname":"{name}","instance":"gpu-box:9470","severity":"warning"}},"annotations":{{"summary":"s"}},"startsAt":"{starts_at}","endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prom/graph","fingerprint":"{fingerprint}"}}"#
+    )
+}
+
+async fn call(
+    router: &Router,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    content_type: Option<&str>,
+    body: String,
+) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    if let Some(ct) = content_type {
+        request = request.header("content-type", ct);
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+async fn post_alerts(router: &Router, body: String) -> (StatusCode, serde_json::Value) {
+    call(
+        router,
+        "POST",
+        "/api/v1/alerts",
+        Some(&format!("Bearer {TOKEN}")),
+        Some("application/json"),
+        body,
+    )
+    .await
+}
+
+/// Waits until the journal holds an entry of `event` for a key containing `key`.
+async fn settled(setup: &Setup, key: &str, event: Event) -> Vec<JournalEntry> {
+    for _ in 0..100 {
+        let journal = setup.journal();
+        if journal
+            .iter()
+            .any(|e| e.event == event && e.key.as_deref().is_some_and(|k| k.contains(key)))
+        {
+            return journal;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {event:?} for {key}: {:#?}", setup.journal());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_runs_once_across_resends_ha_duplicates_and_restarts() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    let body = webhook(&alert(
+        "NasNeeded",
+        "f1",
+        "2026-11-22T21:00:00.5Z",
+        "firing",
+    ));
+    let (status, json) = post_alerts(&actioner.router, body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(
+        (json["received"].as_u64(), json["planned"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let journal = settled(&setup, "wake-nas|f1", Event::Succeeded).await;
+    let events: Vec<Event> = journal.iter().map(|e| e.event).collect();
+    assert_eq!(
+        events,
+        [
+            Event::Received,
+            Event::Planned,
+            Event::Started,
+            Event::Succeeded
+        ]
+    );
+    assert_eq!(setup.packets(), 1);
+
+    // Alertmanager re-sends (repeat_interval) and its HA peer sends the same, at once.
+    let (a, b) = tokio::join!(
+        post_alerts(&actioner.router, body.clone()),
+        post_alerts(&actioner.router, body.clone())
+    );
+    assert_eq!((a.0, b.0), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(
+        (a.1["planned"].as_u64(), b.1["planned"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // A restart in between changes nothing.
+    drop(actioner);
+    let actioner = setup.start("");
+    let (status, json) = post_alerts(&actioner.router, body).await;
+    assert_eq!(
+        (status, json["planned"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(setup.packets(), 0, "nothing ran twice");
+    let duplicates = setup
+        .journal()
+        .iter()
+        .filter(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("duplicate"))
+        })
+        .count();
+    assert_eq!(duplicates, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_firing_of_the_same_alert_respects_the_cooldown() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    post_alerts(
+        &actioner.router,
+        webhook(&alert("NasNeeded", "f1", "2026-11-22T21:00:00Z", "firing")),
+    )
+    .await;
+    settled(&setup, "wake-nas|f1", Event::Succeeded).await;
+    // It resolved and fired again: a new startsAt, a new firing, but within the 1 h cooldown.
+    let (status, json) = post_alerts(
+        &actioner.router,
+        webhook(&alert("NasNeeded", "f1", "2026-11-22T21:05:00Z", "firing")),
+    )
+    .await;
+    assert_eq!(
+        (status, json["planned"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+    let journal = setup.journal();
+    let skipped = journal.iter().find(|e| e.event == Event::Skipped).unwrap();
+    assert!(
+        skipped.detail.as_deref().unwrap().starts_with("cooldown: "),
+        "{skipped:?}"
+    );
+    let (_, state) = call(
+        &actioner.router,
+        "GET",
+        "/api/v1/state",
+        Some(&format!("Bearer {TOKEN}")),
+        None,
+        String::new(),
+    )
+    .await;
+    assert!(
+        state["cooldowns"]["wake-nas/nas"].as_u64().unwrap() > 3500,
+        "{state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_alert_is_judged_on_its_own_labels() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    // One group: a wake for this host (allowlisted) and for an unknown host (not).
+    let mut evil = alert("WakeHost", "f2", "2026-11-22T21:00:00Z", "firing");
+    evil = evil.replace("gpu-box:9470", "attacker:9470");
+    let body = webhook(&format!(
+        "{},{evil}",
+        alert("WakeHost", "f1", "2026-11-22T21:00:00Z", "firing")
+    ));
+    let (status, json) = post_alerts(&actioner.router, body).await;
+    assert_eq!(
+        (status, json["planned"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    let journal = settled(&setup, "wake-host|f1", Event::Succeeded).await;
+    let refused = journal.iter().find(|e| e.event == Event::Skipped).unwrap();
+    assert_eq!(
+        refused.detail.as_deref(),
+        Some("not allowlisted: \"attacker\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_pause_and_manual_triggers() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    let auth = format!("Bearer {TOKEN}");
+    post_alerts(
+        &actioner.router,
+        webhook(&alert("DryRun", "d1", "2026-11-22T21:00:00Z", "firing")),
+    )
+    .await;
+    let journal = settled(&setup, "dry|d1", Event::Skipped).await;
+    let dry = journal.iter().find(|e| e.event == Event::Skipped).unwrap();
+    assert!(
+        dry.detail
+            .as_deref()
+            .unwrap()
+            .starts_with("dry-run: would send a magic packet for aa:bb:cc:dd:ee:ff"),
+        "{dry:?}"
+    );
+    assert!(dry.dry_run);
+    assert_eq!(setup.packets(), 0);
+
+    let (status, _) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/pause",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, json) = post_alerts(
+        &actioner.router,
+        webhook(&alert("WakeHost", "p1", "2026-11-22T21:00:00Z", "firing")),
+    )
+    .await;
+    assert_eq!(json["planned"].as_u64(), Some(0));
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&auth),
+        Some("application/json"),
+        r#"{"target":"gpu-box"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::CONFLICT, Some("paused"))
+    );
+    // The relay is a person asking for a host, not an automatic action: pause lets it through.
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/wake",
+        None,
+        Some("application/json"),
+        r#"{"target":"nas","key":"relay-key"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{json}"
+    );
+    assert_eq!(setup.packets(), 1);
+    let (_, state) = call(
+        &actioner.router,
+        "GET",
+        "/api/v1/state",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(state["paused"], true);
+    call(
+        &actioner.router,
+        "POST",
+        "/api/v1/resume",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&auth),
+        Some("application/json"),
+        r#"{"target":"gpu-box"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{json}"
+    );
+    assert_eq!(setup.packets(), 1);
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&auth),
+        Some("application/json"),
+        r#"{"target":"nas","dry_run":true}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("dry_run")),
+        "{json}"
+    );
+    let (status, _) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&auth),
+        Some("application/json"),
+        r#"{"target":"router"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/reboot",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Actions this build cannot run yet are journaled as failed, not pretended.
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/failover",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("failed")),
+        "{json}"
+    );
+
+    let (_, tail) = call(
+        &actioner.router,
+        "GET",
+        "/api/v1/actions?limit=3",
+        Some(&auth),
+        None,
+        String::new(),
+    )
+    .await;
+    let tail = tail.as_array().unwrap();
+    assert_eq!(tail.len(), 3);
+    assert!(
+        tail[0]["seq"].as_u64() > tail[1]["seq"].as_u64(),
+        "newest first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_nothing_happens() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    let r = &actioner.router;
+    let good = webhook(&alert("WakeHost", "x1", "2026-11-22T21:00:00Z", "firing"));
+    let json = Some("application/json");
+    assert_eq!(
+        call(r, "POST", "/api/v1/alerts", None, json, good.clone())
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(
+            r,
+            "POST",
+            "/api/v1/alerts",
+            Some("Bearer wrong"),
+            json,
+            good.clone()
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(
+            r,
+            "POST",
+            "/api/v1/alerts",
+            Some("Basic YW06cHc="),
+            json,
+            good.clone()
+        )
+        .await
+        .0,
+        StatusCode::OK,
+        "Basic am:pw"
+    );
+    assert_eq!(
+        call(
+            r,
+            "POST",
+            "/api/v1/alerts",
+            Some(&format!("Bearer {TOKEN}")),
+            Some("text/plain"),
+            good.clone()
+        )
+        .await
+        .0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    for bad in [
+        "{",
+        "null",
+        r#"{"version":"3","alerts":[]}"#,
+        r#"{"version":"4","alerts":"none"}"#,
+        &good[..good.len() / 2],
+    ] {
+        let (status, json) = post_alerts(r, bad.to_owned()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(json["error"].is_string());
+    }
+    let huge = webhook(&alert(
+        "WakeHost",
+        &"f".repeat(2 << 20),
+        "2026-11-22T21:00:00Z",
+        "firing",
+    ));
+    assert_eq!(post_alerts(r, huge).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        call(r, "GET", "/api/v1/state", None, None, String::new())
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The relay: a wrong key is 403, a bad MAC 400.
+    let (status, _) = call(
+        r,
+        "POST",
+        "/api/v1/wake",
+        None,
+        json,
+        r#"{"target":"nas","key":"nope"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(
+        r,
+        "POST",
+        "/api/v1/wake",
+        None,
+        json,
+        r#"{"mac":"zz:zz","key":"relay-key"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call(
+        r,
+        "POST",
+        "/api/v1/wake",
+        None,
+        json,
+        r#"{"target":"router","key":"relay-key"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(setup.packets(), 1, "only the authenticated webhook acted");
+    let (status, json) = call(
+        r,
+        "POST",
+        "/api/v1/wake",
+        None,
+        json,
+        r#"{"target":"nas","key":"relay-key"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    assert_eq!(setup.packets(), 1);
+    let text = {
+        let mut t = String::new();
+        prometheus_client::encoding::text::encode(&mut t, &actioner.metrics.registry).unwrap();
+        t
+    };
+    assert!(
+        text.contains(r#"aistack_actioner_webhooks_total{code="401"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"aistack_actioner_webhooks_total{code="413"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_interrupted_by_a_crash_is_failed_and_not_retried() {
+    let setup = Setup::new();
+    // A previous process journaled "started" and died.
+    let (mut journal, _) = Journal::open(&setup.dir.path().join("state"), 1 << 20, 4).unwrap();
+    let key = "wake-nas|f9|2026-11-22T21:00:00Z|firing";
+    let mut started = JournalEntry {
+        key: Some(key.into()),
+        rule: Some("wake-nas".into()),
+        action: Some(aistack_actioner::config::ActionKind::Wake),
+        target: Some("nas".into()),
+        ..JournalEntry::new(Event::Planned)
+    };
+    let mut again = started.clone();
+    again.event = Event::Started;
+    journal.append(&mut [started.clone(), again]).unwrap();
+    started.event = Event::Started;
+    drop(journal);
+
+    let actioner = setup.start("");
+    let journal = setup.journal();
+    let last = journal.last().unwrap();
+    assert_eq!(
+        (last.event, last.key.as_deref()),
+        (Event::Failed, Some(key))
+    );
+    assert!(
+        last.detail.as_deref().unwrap().starts_with("interrupted"),
+        "{last:?}"
+    );
+    let (_, json) = post_alerts(
+        &actioner.router,
+        webhook(&alert("NasNeeded", "f9", "2026-11-22T21:00:00Z", "firing")),
+    )
+    .await;
+    assert_eq!(json["planned"].as_u64(), Some(0), "not silently retried");
+    assert_eq!(setup.packets(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secureon_password_follows_the_sixteen_macs() {
+    let setup = Setup::new();
+    let actioner = setup.start("");
+    let (status, json) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&format!("Bearer {TOKEN}")),
+        Some("application/json"),
+        r#"{"target":"secure"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{json}"
+    );
+    let mut buf = [0u8; 256];
+    let (n, _) = setup.udp.recv_from(&mut buf).unwrap();
+    assert_eq!(n, 6 + 16 * 6 + 6);
+    assert_eq!(&buf[102..108], &[1, 2, 3, 4, 5, 6]);
+}
