@@ -1,0 +1,476 @@
+//! aistack-exporter end to end: the real binary on loopback, fixture roots, a real Prometheus,
+//! the strict OpenMetrics parser.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use aistack_tests::{Daemon, Prometheus, copy_tree, fixtures, parse_openmetrics, run, wait_for};
+
+const EXPORTER: &str = "aistack-exporter";
+
+/// The value of the series whose line starts with `series ` (name and labels as printed).
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+fn metrics(exporter: &Daemon) -> String {
+    let reply = exporter.get("/metrics");
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    reply.body
+}
+
+fn wait_for_series(exporter: &Daemon, series: &str) -> (f64, String) {
+    wait_for(Duration::from_secs(15), series, || {
+        let body = metrics(exporter);
+        value(&body, series).map(|v| (v, body))
+    })
+}
+
+#[test]
+fn serves_strict_openmetrics_about_this_host() {
+    let exporter = Daemon::start(EXPORTER, &[]);
+    let (utilization, _) = wait_for_series(&exporter, "aistack_cpu_utilization_ratio");
+    assert!((0.0..=1.0).contains(&utilization));
+    let (watts, body) = wait_for_series(&exporter, "aistack_host_power_estimated_watts");
+    assert!(watts >= 30.0, "baseline is 30 W: {watts}");
+
+    let families = parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert!(families.contains(&"aistack_exporter_build_info".to_owned()));
+    assert_eq!(
+        value(&body, r#"aistack_collector_success{collector="cpu"}"#),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &body,
+            r#"aistack_collector_duration_seconds{collector="cpu"}"#
+        )
+        .is_some()
+    );
+
+    assert_eq!(exporter.get("/healthz").body, "ok");
+    let landing = exporter.get("/");
+    assert!(
+        landing.body.contains(r#"<a href="/metrics">"#),
+        "{}",
+        landing.body
+    );
+    assert_eq!(exporter.get("/nope").status, 404);
+}
+
+#[test]
+fn fixture_roots_give_the_expected_values_through_the_binary() {
+    let root = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), root.path());
+    let procfs = root.path().join("proc");
+    let sysfs = root.path().join("sys");
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--path.procfs",
+            procfs.to_str().unwrap(),
+            "--path.sysfs",
+            sysfs.to_str().unwrap(),
+        ],
+    );
+    let (energy, body) = wait_for_series(
+        &exporter,
+        r#"aistack_cpu_package_energy_joules_total{package="0"}"#,
+    );
+    assert_eq!(energy, 262_130.0);
+    assert_eq!(
+        value(
+            &body,
+            r#"aistack_hwmon_temperature_celsius{chip="nvme_nvme1",sensor="Composite"}"#
+        ),
+        Some(35.85)
+    );
+    assert!(
+        !body.contains(r#"package="2""#),
+        "zone without energy_uj must be absent"
+    );
+
+    // One second later: the counters move, package 0 wraps.
+    copy_tree(&fixtures().join("roots/t1"), root.path());
+    let (utilization, _) = wait_for_series(&exporter, "aistack_cpu_utilization_ratio");
+    assert_eq!(utilization, 0.25);
+    let (energy, body) = wait_for(Duration::from_secs(10), "the wrapped counter", || {
+        let body = metrics(&exporter);
+        let v = value(
+            &body,
+            r#"aistack_cpu_package_energy_joules_total{package="0"}"#,
+        )?;
+        (v != 262_130.0).then_some((v, body))
+    });
+    assert_eq!(energy, 262_185.0, "55 J across the wrap");
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+}
+
+#[test]
+fn missing_roots_degrade_to_no_data_quietly() {
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--path.procfs",
+            "/nonexistent/proc",
+            "--path.sysfs",
+            "/nonexistent/sys",
+        ],
+    );
+    let quiet = ["cpu", "rapl", "hwmon", "power", "gpu", "wol"];
+    let series = |c: &str| format!(r#"aistack_collector_success{{collector="{c}"}}"#);
+    let body = wait_for(
+        Duration::from_secs(15),
+        "every collector's first sample",
+        || {
+            let body = metrics(&exporter);
+            quiet
+                .iter()
+                .all(|c| value(&body, &series(c)).is_some())
+                .then_some(body)
+        },
+    );
+    for collector in quiet {
+        assert_eq!(
+            value(
+                &body,
+                &format!(r#"aistack_collector_success{{collector="{collector}"}}"#)
+            ),
+            Some(0.0),
+            "{collector}"
+        );
+    }
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let noisy: Vec<String> = exporter
+        .log()
+        .into_iter()
+        .filter(|l| l.contains(r#""level":"WARN""#) || l.contains(r#""level":"ERROR""#))
+        .collect();
+    assert!(
+        noisy.is_empty(),
+        "absent hardware must not warn: {noisy:#?}"
+    );
+}
+
+#[test]
+fn garbage_in_proc_fails_the_collector_once_loudly_then_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("proc")).unwrap();
+    std::fs::write(root.path().join("proc/stat"), "cpu  lots of ticks\n").unwrap();
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--path.procfs",
+            root.path().join("proc").to_str().unwrap(),
+            "--no-collector.power",
+        ],
+    );
+    let (success, _) = wait_for_series(&exporter, r#"aistack_collector_success{collector="cpu"}"#);
+    assert_eq!(success, 0.0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let warnings = exporter
+        .log()
+        .into_iter()
+        .filter(|l| l.contains(r#""level":"WARN""#) && l.contains("collector failed"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "the same error warns once: {:#?}",
+        exporter.log()
+    );
+    assert_eq!(exporter.get("/healthz").status, 200);
+}
+
+#[test]
+fn an_unprivileged_exporter_treats_a_root_only_rapl_zone_as_no_data() {
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        .starts_with(b"0\n")
+    {
+        eprintln!(
+            "skipped: needs root to prepare a root-only energy_uj (./tests/run runs as root)"
+        );
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy_tree(&fixtures().join("roots/t0"), root.path());
+    let zone1 = root
+        .path()
+        .join("sys/class/powercap/intel-rapl:1/energy_uj");
+    std::fs::set_permissions(&zone1, std::fs::Permissions::from_mode(0o400)).unwrap();
+
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(aistack_tests::binary(EXPORTER));
+    let sysfs = root.path().join("sys");
+    let exporter = Daemon::start_with(as_nobody, &["--path.sysfs", sysfs.to_str().unwrap()]);
+    let (_, body) = wait_for_series(
+        &exporter,
+        r#"aistack_cpu_package_energy_joules_total{package="0"}"#,
+    );
+    assert_eq!(
+        value(&body, r#"aistack_collector_success{collector="rapl"}"#),
+        Some(1.0)
+    );
+    assert!(
+        !body.contains(r#"package="1""#),
+        "root-only zone must be absent:\n{body}"
+    );
+
+    // Every package root-only (a kernel >= 5.10 without root): no data, success 0, no warning.
+    let zone0 = root
+        .path()
+        .join("sys/class/powercap/intel-rapl:0/energy_uj");
+    std::fs::set_permissions(&zone0, std::fs::Permissions::from_mode(0o400)).unwrap();
+    wait_for(Duration::from_secs(10), "rapl to report no data", || {
+        let body = metrics(&exporter);
+        (value(&body, r#"aistack_collector_success{collector="rapl"}"#) == Some(0.0)).then_some(())
+    });
+    let warned = exporter
+        .log()
+        .iter()
+        .any(|l| l.contains(r#""level":"WARN""#));
+    assert!(!warned, "{:#?}", exporter.log());
+}
+
+#[test]
+fn a_real_prometheus_scrapes_it_without_errors() {
+    let exporter = Daemon::start(EXPORTER, &[]);
+    let prometheus = Prometheus::start(&[("aistack", &exporter.address)]);
+    wait_for(
+        Duration::from_secs(30),
+        "a scrape with cpu utilization",
+        || {
+            let result = prometheus.query("aistack_cpu_utilization_ratio");
+            (!result.is_empty()).then_some(())
+        },
+    );
+    let targets = prometheus.api("targets");
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{target}");
+    assert_eq!(target["lastError"], "", "{target}");
+    let samples = prometheus.query(r#"scrape_samples_scraped{job="aistack"}"#);
+    let scraped: f64 = samples[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(scraped >= 8.0, "{samples:?}");
+    // Counters arrive as counters: rate() works on the energy estimate.
+    wait_for(
+        Duration::from_secs(30),
+        "a rate over the energy counter",
+        || {
+            let r = prometheus.query("rate(aistack_host_energy_estimated_joules_total[5s])");
+            (!r.is_empty()).then_some(())
+        },
+    );
+}
+
+#[test]
+fn collector_flags_switch_collectors() {
+    let exporter = Daemon::start(EXPORTER, &["--no-collector.hwmon", "--no-collector.rapl"]);
+    let (_, body) = wait_for_series(&exporter, r#"aistack_collector_success{collector="cpu"}"#);
+    assert!(!body.contains(r#"collector="hwmon""#), "{body}");
+    assert!(!body.contains(r#"collector="rapl""#), "{body}");
+
+    let (code, help, _) = run(EXPORTER, &["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--collector.cpu",
+        "--no-collector.power",
+        "--web.telemetry-path",
+        "--path.sysfs",
+        "check-config",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+    let (code, version, _) = run(EXPORTER, &["--version"]);
+    assert_eq!(code, 0);
+    assert!(version.starts_with("aistack-exporter 0."), "{version}");
+    let (code, _, err) = run(EXPORTER, &["--collector.nope"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn custom_telemetry_path_and_config_file() {
+    let config = fixtures().join("config/exporter-good.yaml");
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--web.telemetry-path",
+            "/prom",
+            "--config.file",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(exporter.get("/metrics").status, 404);
+    let body = wait_for(Duration::from_secs(10), "cpu success", || {
+        let body = exporter.get("/prom").body;
+        body.contains(r#"aistack_collector_success{collector="cpu"}"#)
+            .then_some(body)
+    });
+    assert!(
+        !body.contains(r#"collector="hwmon""#),
+        "disabled in the config file:\n{body}"
+    );
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_path() {
+    let path = |name: &str| {
+        fixtures()
+            .join("config")
+            .join(name)
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    let (code, out, err) = run(
+        EXPORTER,
+        &["check-config", "--config.file", &path("exporter-good.yaml")],
+    );
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert!(out.ends_with("exporter-good.yaml: ok\n"), "{out}");
+
+    let (code, _, err) = run(
+        EXPORTER,
+        &["check-config", "--config.file", &path("exporter-bad.yaml")],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "collectors.cpu.interval: must be at least 100ms",
+            "collectors.gpux: unknown collector; known: cpu, rapl, hwmon, gpu, power, docker, services, wol, logind, idle",
+            "collectors.rapl.timeout: must be more than 0 and at most the interval (1s)",
+            "power_estimation.baseline_watts: must be a number of watts >= 0, got -30",
+        ]
+    );
+
+    let (code, _, err) = run(
+        EXPORTER,
+        &["check-config", "--config.file", &path("exporter-typo.yaml")],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("collectors.cpu.intervall: unknown field `intervall`"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(
+        EXPORTER,
+        &["check-config", "--config.file", "/nonexistent.yaml"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot read config file /nonexistent.yaml"),
+        "{err}"
+    );
+
+    // Serving refuses a bad config too, with the same problems.
+    let (code, _, err) = run(
+        EXPORTER,
+        &[
+            "--config.file",
+            &path("exporter-bad.yaml"),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("collectors.cpu.interval: must be at least 100ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let exporter = Daemon::start(EXPORTER, &[]);
+    wait_for_series(&exporter, r#"aistack_collector_success{collector="cpu"}"#);
+    let status = exporter.terminate();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Threads of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_sensor_read_that_never_returns_does_not_hold_up_scrapes_or_other_collectors() {
+    // A FIFO without a writer blocks open() forever, like a wedged I2C hwmon driver.
+    let root = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), root.path());
+    let sensor = root.path().join("sys/class/hwmon/hwmon3/temp1_input");
+    std::fs::remove_file(&sensor).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&sensor)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let config = root.path().join("exporter.yaml");
+    std::fs::write(
+        &config,
+        "collectors:\n  hwmon: {interval: 500ms, timeout: 200ms}\n",
+    )
+    .unwrap();
+
+    let sysfs = root.path().join("sys");
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--path.sysfs",
+            sysfs.to_str().unwrap(),
+            "--config.file",
+            config.to_str().unwrap(),
+        ],
+    );
+    let (success, _) =
+        wait_for_series(&exporter, r#"aistack_collector_success{collector="hwmon"}"#);
+    assert_eq!(success, 0.0);
+    let early = threads(exporter.pid());
+    std::thread::sleep(Duration::from_secs(6));
+
+    // Twelve hwmon intervals later: still one stuck read, not twelve, and the others sample on.
+    let body = metrics(&exporter);
+    assert_eq!(
+        value(&body, r#"aistack_collector_success{collector="hwmon"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&body, r#"aistack_collector_success{collector="cpu"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&body, r#"aistack_collector_success{collector="rapl"}"#),
+        Some(1.0)
+    );
+    let late = threads(exporter.pid());
+    assert!(late <= early + 1, "threads grew from {early} to {late}");
+    let timeouts = exporter
+        .log()
+        .iter()
+        .filter(|l| l.contains(r#""level":"WARN""#) && l.contains("timed out"))
+        .count();
+    assert_eq!(timeouts, 1, "{:#?}", exporter.log());
+}

@@ -1,0 +1,488 @@
+//! Failover, failback and repair on `platform: kubernetes`: the real actioner binary, with
+//! kube's client reading a kubeconfig, against a stand-in API server (tests/src/kubernetes.rs)
+//! that keeps Deployments and a Service and moves their status as a controller would; vLLM,
+//! Ollama and the exporter are loopback stand-ins. Every request the actioner sends must be
+//! one the Role in k8s/base/rbac.yaml allows.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aistack_tests::kubernetes::{FakeKubernetes, Pods, Recorded};
+use aistack_tests::stub::StubServer;
+use aistack_tests::{Daemon, binary, get_with_token, post_json, wait_for, workspace_root};
+use serde_json::json;
+
+const TOKEN: &str = "0123456789abcdef";
+const IDLE_GPU: &str =
+    "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"RTX 4090\"} 0\n";
+const GAMING: &str =
+    "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"RTX 4090\"} 1\n";
+
+struct Setup {
+    api: FakeKubernetes,
+    exporter: StubServer,
+    actioner: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+/// The actioner with the shipped k8s names (namespace ml; vllm, ollama, Service inference).
+fn start(api: FakeKubernetes, kubeconfig: &std::path::Path) -> Setup {
+    start_with(api, kubeconfig, "20s")
+}
+
+fn start_with(api: FakeKubernetes, kubeconfig: &std::path::Path, fallback_timeout: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let vllm = StubServer::start();
+    vllm.set("/health", 200, "");
+    let ollama = StubServer::start();
+    ollama.set("/api/tags", 200, r#"{"models":[]}"#);
+    let exporter = StubServer::start();
+    exporter.set("/metrics", 200, IDLE_GPU);
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let config = dir.path().join("actioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+host: gpu-box
+state_dir: {state}
+exporter_url: {exporter}
+auth: {{bearer_token_file: {token}}}
+rules:
+  - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
+  - {{name: failback, match: {{alertname: AistackGpuHostWorkload}}, on: resolved, action: failback}}
+actions:
+  failover:
+    platform: kubernetes
+    kubernetes: {{namespace: ml, primary: vllm, fallback: ollama, service: inference}}
+    primary_health_url: "{vllm}/health"
+    fallback_health_url: "{ollama}/api/tags"
+    fallback_timeout: {fallback_timeout}
+    primary_timeout: 4s
+  repair:
+    kubernetes: {{deployments: [ml/ollama, ml/vllm]}}
+    healthy_timeout: 4s
+"#,
+            state = dir.path().join("state").display(),
+            exporter = exporter.url,
+            token = dir.path().join("token").display(),
+            vllm = vllm.url,
+            ollama = ollama.url,
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("aistack-actioner"));
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let actioner = Daemon::start_with(command, &["--config.file", config.to_str().unwrap()]);
+    Setup {
+        api,
+        exporter,
+        actioner,
+        _dir: dir,
+    }
+}
+
+/// vLLM serving with 2 replicas behind the Service; Ollama scaled to 0.
+fn ml_mode() -> FakeKubernetes {
+    let api = FakeKubernetes::start();
+    // vLLM's pods take 1.5 s to shut down (their grace period).
+    api.add_deployment(
+        "ml",
+        "vllm",
+        2,
+        &[("app", "vllm"), ("tier", "gpu")],
+        Pods {
+            ready_after: Duration::from_millis(1500),
+            ..Pods::default()
+        },
+    );
+    api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], Pods::default());
+    api.add_service("ml", "inference", &[("app", "vllm"), ("tier", "gpu")]);
+    api
+}
+
+fn trigger(setup: &Setup, action: &str, body: &str) -> serde_json::Value {
+    let reply = post_json(
+        &setup.actioner.url(&format!("/api/v1/actions/{action}")),
+        Some(TOKEN),
+        body,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serde_json::from_str(&reply.body).unwrap()
+}
+
+fn webhook(setup: &Setup, status: &str, ends_at: &str) {
+    let body = json!({
+        "version": "4", "status": status, "receiver": "aistack-actioner",
+        "groupLabels": {"alertname": "AistackGpuHostWorkload"}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093", "groupKey": "{}:{alertname=\"AistackGpuHostWorkload\"}",
+        "truncatedAlerts": 0,
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": "gpu-box:9470", "gpu": "0"},
+            "annotations": {"summary": "Someone else is using GPU 0 on gpu-box:9470"},
+            "startsAt": "2026-11-22T22:00:00Z", "endsAt": ends_at,
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
+        }]
+    });
+    let reply = post_json(
+        &setup.actioner.url("/api/v1/alerts"),
+        Some(TOKEN),
+        &body.to_string(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+fn journal(setup: &Setup) -> Vec<serde_json::Value> {
+    serde_json::from_str(
+        &get_with_token(&setup.actioner.url("/api/v1/actions?limit=200"), TOKEN).body,
+    )
+    .unwrap()
+}
+
+fn wait_for_end(setup: &Setup, rule: &str) -> serde_json::Value {
+    wait_for(Duration::from_secs(30), &format!("{rule} to end"), || {
+        journal(setup).into_iter().find(|e| {
+            e["rule"] == rule
+                && ["succeeded", "failed", "skipped"].contains(&e["event"].as_str().unwrap_or(""))
+        })
+    })
+}
+
+/// The Role k8s/base/rbac.yaml ships, as (namespace, apiGroup, resource, name, verb) grants.
+fn shipped_grants() -> Vec<(String, String, String, String, String)> {
+    let text = std::fs::read_to_string(workspace_root().join("k8s/base/rbac.yaml")).unwrap();
+    let mut grants = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object: serde_yaml::Value = serde::Deserialize::deserialize(document).unwrap();
+        if object["kind"] != "Role" {
+            continue;
+        }
+        let namespace = object["metadata"]["namespace"].as_str().unwrap().to_owned();
+        for rule in object["rules"].as_sequence().unwrap() {
+            let strings = |key: &str| -> Vec<String> {
+                rule[key]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            for group in strings("apiGroups") {
+                for resource in strings("resources") {
+                    for name in strings("resourceNames") {
+                        for verb in strings("verbs") {
+                            grants.push((
+                                namespace.clone(),
+                                group.clone(),
+                                resource.clone(),
+                                name.clone(),
+                                verb,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    grants
+}
+
+/// Each request maps to a grant of the shipped Role; merge patches only.
+fn assert_allowed_by_the_shipped_role(requests: &[Recorded]) {
+    assert!(!requests.is_empty());
+    let grants = shipped_grants();
+    for request in requests {
+        let parts: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+            ["api", _version, rest @ ..] => (String::new(), rest),
+            _ => panic!("unexpected path {}", request.path),
+        };
+        let (namespace, resource, name) = match rest {
+            ["namespaces", ns, resource, name] => (*ns, (*resource).to_owned(), *name),
+            ["namespaces", ns, resource, name, sub] => (*ns, format!("{resource}/{sub}"), *name),
+            _ => panic!("unexpected path {}", request.path),
+        };
+        let verb = match request.method.as_str() {
+            "GET" => "get",
+            "PATCH" => "patch",
+            other => panic!("unexpected method {other} {}", request.path),
+        };
+        let allowed = grants.iter().any(|(ns, g, r, n, v)| {
+            ns == namespace && *g == group && *r == resource && n == name && v == verb
+        });
+        assert!(
+            allowed,
+            "{verb} {resource} {namespace}/{name} is not in k8s/base/rbac.yaml"
+        );
+        if verb == "patch" {
+            assert_eq!(request.content_type, "application/merge-patch+json");
+        }
+    }
+}
+
+#[test]
+fn failover_frees_the_gpu_and_failback_restores_vllm_through_the_api_server() {
+    let api = ml_mode();
+    let kubeconfig = api.kubeconfig.clone();
+    let setup = start(api, &kubeconfig);
+
+    // A game starts: the alert fires.
+    let fired = Instant::now();
+    webhook(&setup, "firing", "0001-01-01T00:00:00Z");
+    let end = wait_for_end(&setup, "failover-when-gaming");
+    let took = fired.elapsed();
+    assert_eq!(end["event"], "succeeded", "{end}");
+    let vllm = setup.api.deployment("ml", "vllm");
+    assert_eq!(vllm["spec"]["replicas"], 0);
+    assert_eq!(
+        vllm["status"].get("replicas"),
+        None,
+        "no vLLM pod left: {vllm}"
+    );
+    assert_eq!(
+        vllm["metadata"]["annotations"]["aistack.io/replicas-before-failover"],
+        "2"
+    );
+    let ollama = setup.api.deployment("ml", "ollama");
+    assert_eq!(ollama["spec"]["replicas"], 1);
+    assert_eq!(ollama["status"]["availableReplicas"], 1);
+    assert_eq!(
+        setup.api.selector("ml", "inference"),
+        json!({"app": "ollama"}),
+        "the Service selects Ollama's pods and nothing of vLLM's"
+    );
+    // Ollama was scaled up only once vLLM's pods had finished shutting down.
+    let patches = setup.api.patches();
+    let at = |path: &str| {
+        patches
+            .iter()
+            .find(|p| p.path.ends_with(path))
+            .unwrap_or_else(|| panic!("no patch of {path}"))
+            .at
+    };
+    let gap = at("/ollama/scale") - at("/vllm/scale");
+    assert!(
+        gap >= Duration::from_millis(1400),
+        "Ollama started {gap:?} after vLLM was told to stop"
+    );
+    println!(
+        "failover on kubernetes: alert to VRAM freed and Ollama serving in {:.2}s (stand-in vLLM pods stop in 1.5s, Ollama's start in 0.3s)",
+        took.as_secs_f64()
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&get_with_token(&setup.actioner.url("/api/v1/state"), TOKEN).body)
+            .unwrap();
+    assert_eq!(state["inference_backend"], "fallback");
+
+    // Again: nothing to change, nothing patched.
+    let patches = setup.api.patches().len();
+    let again = trigger(&setup, "failover", "{}");
+    assert_eq!(again["status"], "succeeded", "{again}");
+    assert!(
+        again["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("already on the fallback"),
+        "{again}"
+    );
+    assert_eq!(setup.api.patches().len(), patches);
+
+    // The game still holds the GPU: failback waits for the next resolution.
+    setup.exporter.set("/metrics", 200, GAMING);
+    let early = trigger(&setup, "failback", "{}");
+    assert_eq!(early["status"], "skipped", "{early}");
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 0);
+
+    // The game ends: the alert resolves, vLLM comes back with its replicas, then the Service.
+    setup.exporter.set("/metrics", 200, IDLE_GPU);
+    let resolved = Instant::now();
+    webhook(&setup, "resolved", "2026-11-22T23:00:00Z");
+    let end = wait_for_end(&setup, "failback");
+    assert_eq!(end["event"], "succeeded", "{end}");
+    println!(
+        "failback on kubernetes: resolution to vLLM serving in {:.2}s (stand-in vLLM pods start in 1.5s)",
+        resolved.elapsed().as_secs_f64()
+    );
+    let vllm = setup.api.deployment("ml", "vllm");
+    assert_eq!(vllm["spec"]["replicas"], 2);
+    assert_eq!(vllm["status"]["availableReplicas"], 2);
+    assert_eq!(
+        vllm["metadata"]["annotations"].get("aistack.io/replicas-before-failover"),
+        None
+    );
+    assert_eq!(
+        setup.api.selector("ml", "inference"),
+        json!({"app": "vllm", "tier": "gpu"})
+    );
+    let again = trigger(&setup, "failback", "{}");
+    assert!(
+        again["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("already on the primary"),
+        "{again}"
+    );
+    assert_allowed_by_the_shipped_role(&setup.api.requests());
+}
+
+#[test]
+fn failback_stays_on_the_fallback_when_vllm_does_not_come_up() {
+    let api = FakeKubernetes::start();
+    let broken = Pods {
+        never_ready: true,
+        ..Pods::default()
+    };
+    api.add_deployment("ml", "vllm", 0, &[("app", "vllm")], broken);
+    api.add_deployment("ml", "ollama", 1, &[("app", "ollama")], Pods::default());
+    api.add_service("ml", "inference", &[("app", "ollama")]);
+    let kubeconfig = api.kubeconfig.clone();
+    let setup = start(api, &kubeconfig);
+
+    let run = trigger(&setup, "failback", "{}");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("staying on the fallback"),
+        "{run}"
+    );
+    // Scaled up, never ready, scaled back to 0 so it holds no VRAM; the Service never moved.
+    let scales: Vec<serde_json::Value> = setup
+        .api
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/vllm/scale"))
+        .map(|p| p.body["spec"]["replicas"].clone())
+        .collect();
+    assert_eq!(scales, [json!(1), json!(0)]);
+    assert_eq!(
+        setup.api.selector("ml", "inference"),
+        json!({"app": "ollama"})
+    );
+    assert_allowed_by_the_shipped_role(&setup.api.requests());
+}
+
+#[test]
+fn a_fallback_that_does_not_come_up_still_gets_the_service() {
+    let api = FakeKubernetes::start();
+    api.add_deployment("ml", "vllm", 1, &[("app", "vllm")], Pods::default());
+    let broken = Pods {
+        never_ready: true,
+        ..Pods::default()
+    };
+    api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], broken);
+    api.add_service("ml", "inference", &[("app", "vllm")]);
+    let kubeconfig = api.kubeconfig.clone();
+    let setup = start_with(api, &kubeconfig, "3s");
+    let run = trigger(&setup, "failover", "{}");
+    assert_eq!(run["status"], "failed", "{run}");
+    let detail = run["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("vllm scaled to 0, but ollama has no ready replica")
+            && detail.ends_with("; Service inference on ollama"),
+        "{detail}"
+    );
+    assert_eq!(
+        setup.api.selector("ml", "inference"),
+        json!({"app": "ollama"})
+    );
+    assert_allowed_by_the_shipped_role(&setup.api.requests());
+}
+
+#[test]
+fn repair_is_a_rollout_restart_of_a_deployment_short_of_ready_pods() {
+    let api = FakeKubernetes::start();
+    let wedged = Pods {
+        never_ready: true,
+        fixed_by_restart: true,
+        ..Pods::default()
+    };
+    api.add_deployment("ml", "ollama", 1, &[("app", "ollama")], wedged);
+    api.add_deployment("ml", "vllm", 0, &[("app", "vllm")], Pods::default());
+    api.add_service("ml", "inference", &[("app", "vllm")]);
+    let kubeconfig = api.kubeconfig.clone();
+    let setup = start(api, &kubeconfig);
+
+    let run = trigger(&setup, "repair", r#"{"target":"ml/ollama"}"#);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let detail = run["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("rollout restart of ml/ollama: 0/1 available before, 1/1 available"),
+        "{detail}"
+    );
+    let ollama = setup.api.deployment("ml", "ollama");
+    assert!(
+        ollama["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .is_string(),
+        "{ollama}"
+    );
+
+    // Healthy now: left alone. Scaled to 0 by a person: left alone. Not listed: refused.
+    let healthy = trigger(&setup, "repair", r#"{"target":"ml/ollama"}"#);
+    assert_eq!(healthy["status"], "skipped", "{healthy}");
+    assert!(healthy["detail"].as_str().unwrap().contains("healthy now"));
+    let stopped = trigger(&setup, "repair", r#"{"target":"ml/vllm"}"#);
+    assert_eq!(stopped["status"], "skipped", "{stopped}");
+    assert!(
+        stopped["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stopped on purpose")
+    );
+    let reply = post_json(
+        &setup.actioner.url("/api/v1/actions/repair"),
+        Some(TOKEN),
+        r#"{"target":"ml/other"}"#,
+    );
+    assert_eq!(reply.status, 400, "{}", reply.body);
+
+    // Wedged for good: the restart does not help, and the run says how far it got.
+    setup.api.set_pods(
+        "ml",
+        "ollama",
+        Pods {
+            never_ready: true,
+            ..Pods::default()
+        },
+    );
+    wait_for(Duration::from_secs(5), "ollama to be unavailable", || {
+        (setup.api.deployment("ml", "ollama")["status"]
+            .get("availableReplicas")
+            .is_none())
+        .then_some(())
+    });
+    let failed = trigger(&setup, "repair", r#"{"target":"ml/ollama"}"#);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish: Deployment ml/ollama not there within 4s: 0/1 available"),
+        "{failed}"
+    );
+    assert_allowed_by_the_shipped_role(&setup.api.requests());
+}
+
+#[test]
+fn without_a_cluster_the_run_fails_and_says_why() {
+    let api = ml_mode();
+    let setup = start(api, std::path::Path::new("/nonexistent/kubeconfig"));
+    let run = trigger(&setup, "failover", "{}");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("no Kubernetes API"),
+        "{run}"
+    );
+    assert!(setup.api.requests().is_empty());
+    // The actioner serves on.
+    assert_eq!(setup.actioner.get("/healthz").status, 200);
+}

@@ -1,0 +1,87 @@
+//! A loopback HTTP server answering fixed bodies per path, changeable while it runs: a stand-in
+//! for services whose answers a test needs to control (the exporter's idle API, vLLM's
+//! `/health`, Ollama's `/api/tags`).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+
+#[derive(Debug, Default)]
+struct Routes {
+    answers: HashMap<String, (u16, String)>,
+    hits: HashMap<String, usize>,
+}
+
+/// The stand-in; runs until the test process ends.
+#[derive(Debug, Clone)]
+pub struct StubServer {
+    routes: Arc<Mutex<Routes>>,
+    /// Base URL.
+    pub url: String,
+}
+
+async fn answer(
+    State(routes): State<Arc<Mutex<Routes>>>,
+    request: Request,
+) -> axum::response::Response {
+    let path = request.uri().path().to_owned();
+    let mut routes = routes.lock().unwrap();
+    *routes.hits.entry(path.clone()).or_default() += 1;
+    match routes.answers.get(&path) {
+        Some((status, body)) => (
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [(header::CONTENT_TYPE, "application/json")],
+            body.clone(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+impl StubServer {
+    /// Starts it on a loopback port; every path answers 404 until set.
+    pub fn start() -> Self {
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = routes.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = Router::new().fallback(answer).with_state(state);
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        Self { routes, url }
+    }
+
+    /// Answers `path` with `status` and `body` from now on.
+    pub fn set(&self, path: &str, status: u16, body: &str) {
+        self.routes
+            .lock()
+            .unwrap()
+            .answers
+            .insert(path.to_owned(), (status, body.to_owned()));
+    }
+
+    /// How often `path` was asked.
+    pub fn hits(&self, path: &str) -> usize {
+        self.routes
+            .lock()
+            .unwrap()
+            .hits
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
