@@ -416,6 +416,48 @@ pub struct KubernetesRepair {
 pub struct NotifyConfig {
     /// ntfy settings; without them, notify is unavailable.
     pub ntfy: Option<NtfyConfig>,
+    /// Buttons on notifications that call back into this actioner; none without this.
+    pub buttons: Option<ButtonsConfig>,
+}
+
+/// `actions.notify.buttons`: ntfy action buttons, signed links to `POST /api/v1/buttons/{token}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonsConfig {
+    /// This actioner's address as the phones reach it (`https://aistack.home.example`).
+    pub url: String,
+    /// A secret of at least 32 characters that signs the links (`openssl rand -hex 32`).
+    pub key_file: PathBuf,
+    /// How long a button works after its notification was sent (default 12h).
+    #[serde(default = "default_button_ttl")]
+    pub ttl: HumanDuration,
+    /// Which buttons go on which alerts' notifications, in order; ntfy shows at most three.
+    #[serde(default)]
+    pub offer: Vec<ButtonOffer>,
+}
+
+fn default_button_ttl() -> HumanDuration {
+    HumanDuration::from_secs(12 * 3600)
+}
+
+/// `actions.notify.buttons.offer[]`: a button on the firing notifications of matching alerts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonOffer {
+    /// Labels the alert must have, with these exact values.
+    #[serde(default, rename = "match")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Labels whose values must match these regular expressions (anchored).
+    #[serde(default)]
+    pub match_re: BTreeMap<String, String>,
+    /// The button's text; `{target}` is replaced by the target.
+    pub label: String,
+    /// The action a press runs.
+    pub action: ActionKind,
+    /// A fixed target from the action's allowlist.
+    pub target: Option<String>,
+    /// An alert label whose value selects the target from the action's allowlist.
+    pub target_label: Option<String>,
 }
 
 /// `actions.notify.ntfy`.
@@ -523,7 +565,7 @@ impl Config {
     }
 
     /// The allowlist a rule's target must come from; `None` for actions without targets.
-    fn allowlist(&self, action: ActionKind) -> Option<BTreeSet<String>> {
+    pub fn allowlist(&self, action: ActionKind) -> Option<BTreeSet<String>> {
         match action {
             ActionKind::Wake => Some(self.actions.wake.targets.keys().cloned().collect()),
             ActionKind::Repair => Some(
@@ -566,6 +608,23 @@ impl Config {
             .and_then(|n| n.token_file.as_ref())
         {
             secret("actions.notify.ntfy.token_file", token_file);
+        }
+        if let Some(buttons) = &self.actions.notify.buttons {
+            match std::fs::read_to_string(&buttons.key_file) {
+                Ok(key) if key.trim().len() < 32 => problems.push(
+                    "actions.notify.buttons.key_file",
+                    format!(
+                        "{} holds {} characters; a signing key needs at least 32 (openssl rand -hex 32)",
+                        buttons.key_file.display(),
+                        key.trim().len()
+                    ),
+                ),
+                Ok(_) => {}
+                Err(err) => problems.push(
+                    "actions.notify.buttons.key_file",
+                    format!("cannot read {}: {err}", buttons.key_file.display()),
+                ),
+            }
         }
     }
 }
@@ -614,52 +673,68 @@ impl Config {
                     );
                 }
             }
-            if rule.target.is_some() && rule.target_label.is_some() {
-                problems.push(at("target"), "set `target` or `target_label`, not both");
-            }
-            match (self.allowlist(rule.action), &rule.target) {
-                (Some(allowed), Some(target)) if !allowed.contains(target) => problems.push(
-                    at("target"),
-                    format!(
-                        "{target:?} is not in the {} allowlist ({})",
-                        rule.action,
-                        list(&allowed)
-                    ),
+            self.check_action(
+                problems,
+                &at,
+                rule.action,
+                rule.target.as_ref(),
+                rule.target_label.as_ref(),
+            );
+        }
+    }
+
+    /// Problems with running `action` on `target` or `target_label` (paths from `at`): the
+    /// target is allowlisted, the action takes one, and the action is configured.
+    fn check_action(
+        &self,
+        problems: &mut Problems,
+        at: &dyn Fn(&str) -> String,
+        action: ActionKind,
+        target: Option<&String>,
+        target_label: Option<&String>,
+    ) {
+        if target.is_some() && target_label.is_some() {
+            problems.push(at("target"), "set `target` or `target_label`, not both");
+        }
+        match (self.allowlist(action), target) {
+            (Some(allowed), Some(target)) if !allowed.contains(target) => problems.push(
+                at("target"),
+                format!(
+                    "{target:?} is not in the {action} allowlist ({})",
+                    list(&allowed)
                 ),
-                (None, Some(_)) => problems.push(
-                    at("target"),
-                    format!("the {} action takes no target", rule.action),
+            ),
+            (None, Some(_)) => {
+                problems.push(at("target"), format!("the {action} action takes no target"));
+            }
+            _ => {}
+        }
+        if target_label.is_some() && self.allowlist(action).is_none() {
+            problems.push(
+                at("target_label"),
+                format!("the {action} action takes no target"),
+            );
+        }
+        if action == ActionKind::Notify {
+            problems.check(
+                self.actions.notify.ntfy.is_some(),
+                at("action"),
+                "notify needs actions.notify.ntfy",
+            );
+        }
+        if matches!(action, ActionKind::Failover | ActionKind::Failback) {
+            let configured = match self.actions.failover.platform {
+                Platform::Docker => self.actions.failover.docker.is_some(),
+                Platform::Kubernetes => self.actions.failover.kubernetes.is_some(),
+            };
+            problems.check(
+                configured,
+                at("action"),
+                format!(
+                    "{action} needs actions.failover.{}",
+                    platform_key(self.actions.failover.platform)
                 ),
-                _ => {}
-            }
-            if rule.target_label.is_some() && self.allowlist(rule.action).is_none() {
-                problems.push(
-                    at("target_label"),
-                    format!("the {} action takes no target", rule.action),
-                );
-            }
-            if rule.action == ActionKind::Notify {
-                problems.check(
-                    self.actions.notify.ntfy.is_some(),
-                    at("action"),
-                    "notify needs actions.notify.ntfy",
-                );
-            }
-            if matches!(rule.action, ActionKind::Failover | ActionKind::Failback) {
-                let configured = match self.actions.failover.platform {
-                    Platform::Docker => self.actions.failover.docker.is_some(),
-                    Platform::Kubernetes => self.actions.failover.kubernetes.is_some(),
-                };
-                problems.check(
-                    configured,
-                    at("action"),
-                    format!(
-                        "{} needs actions.failover.{}",
-                        rule.action,
-                        platform_key(self.actions.failover.platform)
-                    ),
-                );
-            }
+            );
         }
     }
 
@@ -749,6 +824,67 @@ impl Config {
                     (1..=5).contains(priority),
                     format!("actions.notify.ntfy.priorities.{severity}"),
                     format!("ntfy priorities are 1..5, got {priority}"),
+                );
+            }
+        }
+        if let Some(buttons) = &self.actions.notify.buttons {
+            self.validate_buttons(problems, buttons);
+        }
+    }
+
+    fn validate_buttons(&self, problems: &mut Problems, buttons: &ButtonsConfig) {
+        problems.check(
+            self.actions.notify.ntfy.is_some(),
+            "actions.notify.buttons",
+            "buttons go on notifications: they need actions.notify.ntfy",
+        );
+        check_url(problems, "actions.notify.buttons.url", &buttons.url);
+        problems.check(
+            buttons.ttl.0 >= std::time::Duration::from_secs(60),
+            "actions.notify.buttons.ttl",
+            "must be at least 1m",
+        );
+        for (i, offer) in buttons.offer.iter().enumerate() {
+            let at = |key: &str| format!("actions.notify.buttons.offer[{i}].{key}");
+            problems.check(
+                !offer.match_labels.is_empty() || !offer.match_re.is_empty(),
+                at("match"),
+                "an offer needs `match` or `match_re`",
+            );
+            for (label, pattern) in &offer.match_re {
+                if let Err(err) = anchored_regex(pattern) {
+                    problems.push(
+                        at(&format!("match_re.{label}")),
+                        format!("invalid regex {pattern:?}: {}", regex_reason(&err)),
+                    );
+                }
+            }
+            let label = offer.label.trim();
+            problems.check(
+                !label.is_empty() && label.chars().count() <= 40,
+                at("label"),
+                "must be 1 to 40 characters",
+            );
+            problems.check(
+                offer.action != ActionKind::Notify,
+                at("action"),
+                "a button cannot run notify",
+            );
+            self.check_action(
+                problems,
+                &at,
+                offer.action,
+                offer.target.as_ref(),
+                offer.target_label.as_ref(),
+            );
+            // Wake and suspend default to the host the alert is about.
+            if offer.action == ActionKind::Repair
+                && offer.target.is_none()
+                && offer.target_label.is_none()
+            {
+                problems.push(
+                    at("target"),
+                    format!("a {} button needs `target` or `target_label`", offer.action),
                 );
             }
         }
@@ -879,6 +1015,90 @@ actions:
                 "actions.repair.max_attempts: must be at least 1",
                 r#"actions.repair.kubernetes.deployments[0]: expected namespace/name, got "ollama""#,
             ]
+        );
+    }
+
+    #[test]
+    fn button_problems_are_reported_with_their_paths() {
+        let text = r#"
+host: gpu-box
+actions:
+  wake:
+    targets:
+      nas: {mac: "aa:bb:cc:dd:ee:ff"}
+  notify:
+    buttons:
+      url: "gpu-box:9471"
+      key_file: /etc/aistack/buttons.key
+      ttl: 10s
+      offer:
+        - {label: Wake, action: wake}
+        - {match: {alertname: A}, label: "", action: notify}
+        - {match: {alertname: A}, label: Wake the printer, action: wake, target: printer}
+        - {match_re: {alertname: "(A"}, label: Repair, action: repair}
+        - {match: {alertname: A}, label: Fail back, action: failback}
+        - {match: {alertname: A}, label: "Wake {target}", action: wake}
+"#;
+        let lines: Vec<String> = parse::<Config>(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "actions.notify.buttons: buttons go on notifications: they need actions.notify.ntfy",
+                r#"actions.notify.buttons.url: invalid URL "gpu-box:9471": expected http://host[:port][/path] or https://..."#,
+                "actions.notify.buttons.ttl: must be at least 1m",
+                "actions.notify.buttons.offer[0].match: an offer needs `match` or `match_re`",
+                "actions.notify.buttons.offer[1].label: must be 1 to 40 characters",
+                "actions.notify.buttons.offer[1].action: a button cannot run notify",
+                "actions.notify.buttons.offer[1].action: notify needs actions.notify.ntfy",
+                r#"actions.notify.buttons.offer[2].target: "printer" is not in the wake allowlist (nas)"#,
+                r#"actions.notify.buttons.offer[3].match_re.alertname: invalid regex "(A": unclosed group"#,
+                "actions.notify.buttons.offer[3].target: a repair button needs `target` or `target_label`",
+                "actions.notify.buttons.offer[4].action: failback needs actions.failover.docker",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_button_key_must_be_long_enough_to_sign_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("buttons.key");
+        let text = format!(
+            "actions:\n  notify:\n    ntfy: {{topic: t}}\n    buttons: {{url: \"http://gpu-box:9471\", key_file: {}}}\n",
+            key.display()
+        );
+        let config: Config = parse(&text).unwrap_or_else(|p| panic!("{p:#?}"));
+        let problems = |config: &Config| {
+            let mut problems = Problems::default();
+            config.check_files(&mut problems);
+            problems
+                .into_vec()
+                .into_iter()
+                .map(|p| p.to_string())
+                .filter(|p| p.starts_with("actions.notify.buttons"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            problems(&config)[0].contains("cannot read"),
+            "{:?}",
+            problems(&config)
+        );
+        std::fs::write(&key, "short\n").unwrap();
+        assert_eq!(
+            problems(&config),
+            [format!(
+                "actions.notify.buttons.key_file: {} holds 5 characters; a signing key needs at least 32 (openssl rand -hex 32)",
+                key.display()
+            )]
+        );
+        std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert!(problems(&config).is_empty());
+        assert_eq!(
+            config.actions.notify.buttons.unwrap().ttl,
+            HumanDuration::from_secs(12 * 3600)
         );
     }
 

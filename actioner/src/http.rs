@@ -6,6 +6,7 @@
 //! | `GET /`, `/healthz`, `/metrics` | none |
 //! | `POST /api/v1/alerts` (Alertmanager webhook v4) | bearer or Basic |
 //! | `POST /api/v1/wake` | the relay key in the body, or bearer/Basic |
+//! | `POST /api/v1/buttons/{token}` (notification buttons) | the token's signature |
 //! | `GET /api/v1/actions?limit=N`, `POST /api/v1/actions/{action}` | bearer or Basic |
 //! | `GET /api/v1/state`, `POST /api/v1/pause`, `POST /api/v1/resume` | bearer or Basic |
 
@@ -28,6 +29,7 @@ use tower_http::trace::TraceLayer;
 use crate::actions::RawWake;
 use crate::alert::parse_payload;
 use crate::auth::Auth;
+use crate::buttons::{ButtonError, Buttons};
 use crate::config::{ActionKind, MacAddress};
 use crate::metrics::{CodeLabel, Metrics};
 use crate::recorder::{ManualError, ManualRequest, Outcome, RecordError, Recorder, WAKE_RELAY};
@@ -48,6 +50,7 @@ pub struct AppState {
     recorder: Recorder,
     auth: Arc<Auth>,
     max_body_bytes: usize,
+    buttons: Option<Arc<Buttons>>,
 }
 
 impl AppState {
@@ -58,7 +61,14 @@ impl AppState {
             recorder,
             auth: Arc::new(auth),
             max_body_bytes,
+            buttons: None,
         }
+    }
+
+    /// Answers the notification buttons `buttons` signs.
+    pub fn with_buttons(mut self, buttons: Option<Arc<Buttons>>) -> Self {
+        self.buttons = buttons;
+        self
     }
 }
 
@@ -97,7 +107,9 @@ impl From<RecordError> for ApiError {
 impl From<ManualError> for ApiError {
     fn from(err: ManualError) -> Self {
         match err {
-            ManualError::Paused | ManualError::Cooldown(_) => ApiError::Conflict(err.to_string()),
+            ManualError::Paused | ManualError::Cooldown(_) | ManualError::AlreadyDone => {
+                ApiError::Conflict(err.to_string())
+            }
             ManualError::BadTarget(why) => ApiError::BadRequest(why),
             ManualError::Record(e) => e.into(),
         }
@@ -161,6 +173,7 @@ pub fn app(state: AppState) -> Router {
         ));
     let wake = Router::new()
         .route("/api/v1/wake", post(wake_relay))
+        .route("/api/v1/buttons/{token}", post(press_button))
         .layer(RequestBodyLimitLayer::new(64 * 1024));
     Router::new()
         .route("/", get(landing))
@@ -255,6 +268,7 @@ async fn wake_relay(
             raw_wake: None,
             dry_run: false,
             source: WAKE_RELAY,
+            once: None,
         },
         (None, Some(mac)) => {
             let mac: MacAddress = mac.parse().map_err(ApiError::BadRequest)?;
@@ -284,6 +298,7 @@ async fn wake_relay(
                 }),
                 dry_run: false,
                 source: WAKE_RELAY,
+                once: None,
             }
         }
         _ => {
@@ -333,10 +348,56 @@ async fn trigger(
             raw_wake: None,
             dry_run: request.dry_run,
             source: "api",
+            once: None,
         })
         .await?;
     match tokio::time::timeout(MANUAL_WAIT, outcome).await {
         Ok(Ok(outcome)) => Ok(axum::Json(outcome).into_response()),
+        Ok(Err(_)) => Err(ApiError::Internal(
+            "the action ended without a result".into(),
+        )),
+        Err(_) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"status": "running"})),
+        )
+            .into_response()),
+    }
+}
+
+/// A notification button: the token is the authorisation (signed, unexpired), the press runs
+/// through the manual trigger's safety path once. 200 when the action succeeded (or dry run),
+/// 409 when it was skipped, refused (paused, cooldown) or pressed before, 502 when it failed.
+async fn press_button(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    let buttons = state
+        .buttons
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("buttons are not configured".into()))?;
+    let press = buttons
+        .verify(&token, std::time::SystemTime::now())
+        .map_err(|err: ButtonError| ApiError::Forbidden(err.to_string()))?;
+    let outcome = state
+        .recorder
+        .manual(ManualRequest {
+            action: press.action,
+            target: press.target,
+            raw_wake: None,
+            dry_run: false,
+            source: "button",
+            once: Some(press.key),
+        })
+        .await?;
+    match tokio::time::timeout(MANUAL_WAIT, outcome).await {
+        Ok(Ok(outcome)) => {
+            let status = match outcome {
+                Outcome::Succeeded(_) | Outcome::DryRun(_) => StatusCode::OK,
+                Outcome::Skipped(_) => StatusCode::CONFLICT,
+                Outcome::Failed(_) => StatusCode::BAD_GATEWAY,
+            };
+            Ok((status, axum::Json(outcome)).into_response())
+        }
         Ok(Err(_)) => Err(ApiError::Internal(
             "the action ended without a result".into(),
         )),

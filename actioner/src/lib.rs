@@ -7,6 +7,7 @@
 pub mod actions;
 pub mod alert;
 pub mod auth;
+pub mod buttons;
 pub mod cli;
 pub mod config;
 pub mod docker;
@@ -33,6 +34,7 @@ use crate::actions::repair::Repair;
 use crate::actions::suspend::Suspend;
 use crate::actions::wake::Wake;
 use crate::auth::Auth;
+use crate::buttons::Buttons;
 use crate::config::{ActionKind, Config};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
@@ -118,11 +120,13 @@ pub fn build_actions(config: &Config) -> Result<Actions, StartError> {
         Arc::new(Repair::new(&config.actions.repair, docker, kube)),
     );
     if let Some(ntfy) = &config.actions.notify.ntfy {
-        let notify =
-            Notify::new(ntfy, Duration::from_secs(60)).map_err(|why| StartError::Action {
-                action: ActionKind::Notify,
-                why,
-            })?;
+        let notify_error = |why| StartError::Action {
+            action: ActionKind::Notify,
+            why,
+        };
+        let buttons = Buttons::new(config).map_err(notify_error)?;
+        let notify = Notify::new(ntfy, buttons.map(Arc::new), Duration::from_secs(60))
+            .map_err(notify_error)?;
         actions.insert(ActionKind::Notify, Arc::new(notify));
     }
     Ok(actions)
@@ -165,6 +169,14 @@ impl Actioner {
             recorder.clone(),
             auth,
             config.limits.max_body_bytes,
+        )
+        .with_buttons(
+            Buttons::new(config)
+                .map_err(|why| StartError::Action {
+                    action: ActionKind::Notify,
+                    why,
+                })?
+                .map(Arc::new),
         );
         Ok(Self {
             router: http::app(state),

@@ -73,6 +73,9 @@ pub enum ManualError {
     /// The target is not allowlisted, or missing (400).
     #[error("{0}")]
     BadTarget(String),
+    /// A once-only request that already ran (409).
+    #[error("already done: this button was pressed before")]
+    AlreadyDone,
     /// As for webhooks.
     #[error(transparent)]
     Record(#[from] RecordError),
@@ -111,8 +114,10 @@ pub struct ManualRequest {
     pub raw_wake: Option<RawWake>,
     /// Plan and journal only.
     pub dry_run: bool,
-    /// Who asked (`api`, [`WAKE_RELAY`]), for the journal.
+    /// Who asked (`api`, [`WAKE_RELAY`], `button`), for the journal.
     pub source: &'static str,
+    /// A journal key that runs at most once (a notification button); refused once planned.
+    pub once: Option<String>,
 }
 
 enum Command {
@@ -487,11 +492,15 @@ impl Task {
         batch: &mut Batch,
     ) -> Result<oneshot::Receiver<Outcome>, ManualError> {
         self.manual_seq += 1;
-        let key = format!(
-            "manual:{}:{}",
-            humantime::format_rfc3339_millis(SystemTime::now()),
-            self.manual_seq
-        );
+        let key = request.once.clone().unwrap_or_else(|| {
+            format!(
+                "manual:{}:{}",
+                humantime::format_rfc3339_millis(SystemTime::now()),
+                self.manual_seq
+            )
+        });
+        // The global dry_run holds for manual triggers too: nothing acts while it is set.
+        let dry_run = request.dry_run || self.rules.dry_run();
         let target = match (&request.raw_wake, &request.target) {
             (Some(raw), _) => Some(format!("mac:{}", raw.mac)),
             (None, Some(t)) => Some(t.clone()),
@@ -501,7 +510,7 @@ impl Task {
             rule: format!("manual:{}", request.source),
             action: request.action,
             target: target.clone(),
-            dry_run: request.dry_run,
+            dry_run,
             cooldown: None,
         };
         let refuse = |this: &mut Self, batch: &mut Batch, err: ManualError| {
@@ -512,6 +521,9 @@ impl Task {
             });
             Err(err)
         };
+        if request.once.is_some() && (self.ledger.ran(&key) || batch.new_keys.contains(&key)) {
+            return refuse(self, batch, ManualError::AlreadyDone);
+        }
         let takes_target = matches!(
             request.action,
             ActionKind::Wake | ActionKind::Repair | ActionKind::Suspend
@@ -543,7 +555,7 @@ impl Task {
         }
         // Pause stops what aistack does by itself and by API; the wake relay is a person
         // asking for a host, and goes through.
-        if self.ledger.paused && !request.dry_run && request.source != WAKE_RELAY {
+        if self.ledger.paused && !dry_run && request.source != WAKE_RELAY {
             return refuse(self, batch, ManualError::Paused);
         }
         let target_key = target.clone().unwrap_or_default();
@@ -565,14 +577,15 @@ impl Task {
                 .cooldown_for(request.action)
                 .filter(|_| planned_now)
         });
-        if let (Some(left), false) = (cooldown, request.dry_run) {
+        if let (Some(left), false) = (cooldown, dry_run) {
             return refuse(self, batch, ManualError::Cooldown(left));
         }
         let Ok(permit) = self.jobs.clone().try_reserve_owned() else {
             return Err(ManualError::Record(RecordError::Overloaded));
         };
         let planned = entry(Event::Planned, &key, &plan, None);
-        if !request.dry_run {
+        batch.new_keys.insert(key.clone());
+        if !dry_run {
             batch
                 .new_action_runs
                 .insert((request.action, target.clone().unwrap_or_default()));

@@ -146,6 +146,11 @@ impl RuleSet {
         })
     }
 
+    /// The global `dry_run`.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
     /// This actioner's host name.
     pub fn host(&self) -> &str {
         &self.host

@@ -649,3 +649,35 @@ async fn a_secureon_password_follows_the_sixteen_macs() {
     assert_eq!(n, 6 + 16 * 6 + 6);
     assert_eq!(&buf[102..108], &[1, 2, 3, 4, 5, 6]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_dry_run_holds_for_manual_triggers_too() {
+    let setup = Setup::new();
+    let mut config = setup.config("");
+    config.dry_run = true;
+    let actioner = Actioner::start(
+        &config,
+        Auth::from_secrets(TOKEN, None, None),
+        build_actions(&config).unwrap(),
+    )
+    .unwrap();
+    let (status, body) = call(
+        &actioner.router,
+        "POST",
+        "/api/v1/actions/wake",
+        Some(&format!("Bearer {TOKEN}")),
+        Some("application/json"),
+        r#"{"target":"nas"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "dry_run", "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(setup.packets(), 0, "a dry run sent a packet");
+    let planned = setup
+        .journal()
+        .into_iter()
+        .find(|e| e.event == Event::Planned)
+        .unwrap();
+    assert!(planned.dry_run, "{planned:?}");
+}

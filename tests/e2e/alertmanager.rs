@@ -1,6 +1,7 @@
 //! The actioner behind a real Alertmanager: notifications reach the stand-in ntfy once per
 //! firing and once per resolution, across re-sends and an actioner restart; a slow ntfy never
-//! holds up a wake; rate limits are retried and failures journaled.
+//! holds up a wake; rate limits are retried and failures journaled; a notification's button
+//! wakes a host once.
 
 use std::net::UdpSocket;
 use std::process::Command;
@@ -44,6 +45,12 @@ impl Stack {
         std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(dir.path().join("ntfy.token"), "tk_ntfytoken\n").unwrap();
         std::fs::write(
+            dir.path().join("buttons.key"),
+            "5f2b9c0e7d41a8b36c9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e\n",
+        )
+        .unwrap();
+        let address = format!("127.0.0.1:{}", free_port());
+        std::fs::write(
             dir.path().join("actioner.yaml"),
             format!(
                 r#"
@@ -59,16 +66,22 @@ actions:
       nas: {{mac: "aa:bb:cc:dd:ee:ff", broadcast: 127.0.0.1, port: {udp}}}
   notify:
     ntfy: {{url: "{ntfy}", topic: aistack-test, token_file: {ntfy_token}}}
+    buttons:
+      url: "http://{address}"
+      key_file: {buttons_key}
+      offer:
+        - {{match: {{alertname: AistackHostAsleep}}, label: "Wake {{target}}", action: wake}}
+        - {{match: {{alertname: AistackHostAsleep}}, label: "Wake the printer", action: wake, target_label: printer}}
 "#,
                 state = dir.path().join("state").display(),
                 token = dir.path().join("token").display(),
                 udp = udp.local_addr().unwrap().port(),
                 ntfy = ntfy.url,
                 ntfy_token = dir.path().join("ntfy.token").display(),
+                buttons_key = dir.path().join("buttons.key").display(),
             ),
         )
         .unwrap();
-        let address = format!("127.0.0.1:{}", free_port());
         let am = Alertmanager::start(&format!(
             r#"
 route:
@@ -302,4 +315,115 @@ fn rate_limits_are_retried_and_failures_journaled() {
             .metrics()
             .contains(r#"aistack_actioner_actions_total{action="notify",result="failed"} 1"#)
     );
+}
+
+#[test]
+fn a_button_on_the_phone_wakes_the_host_once() {
+    let mut stack = Stack::start();
+    let asleep = |ends_at: Option<&str>| {
+        let mut alert = serde_json::json!({
+            "labels": {"alertname": "AistackHostAsleep", "severity": "warning", "host": "nas",
+                       "printer": "hp-laserjet"},
+            "annotations": {"summary": "nas is asleep"},
+            "startsAt": "2026-11-22T21:00:00Z"
+        });
+        if let Some(end) = ends_at {
+            alert["endsAt"] = serde_json::json!(end);
+        }
+        serde_json::json!([alert])
+    };
+    stack.am.push(&asleep(None));
+    let published = wait_for(Duration::from_secs(20), "the notification", || {
+        let p = stack.ntfy.published();
+        (!p.is_empty()).then_some(p)
+    });
+    // One button: the printer is in no allowlist, so it gets none.
+    let buttons = published[0]["actions"].as_array().unwrap().clone();
+    assert_eq!(buttons.len(), 1, "{buttons:#?}");
+    assert_eq!(
+        (
+            &buttons[0]["action"],
+            &buttons[0]["label"],
+            &buttons[0]["method"]
+        ),
+        (&"http".into(), &"Wake nas".into(), &"POST".into())
+    );
+    let url = buttons[0]["url"].as_str().unwrap().to_owned();
+    let prefix = format!("http://{}/api/v1/buttons/", stack.address);
+    assert!(url.starts_with(&prefix), "{url}");
+    stack
+        .udp
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        stack.udp.recv_from(&mut buf).is_err(),
+        "nothing woke it yet"
+    );
+
+    // The phone presses it: no bearer token, an empty body, as the ntfy app sends it.
+    let reply = aistack_tests::try_post_json(&url, None, "").unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let (n, _) = stack.udp.recv_from(&mut buf).expect("the magic packet");
+    assert_eq!(
+        (n, &buf[6..12]),
+        (102, &[0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff][..])
+    );
+
+    // Pressed again, before and after a restart: refused, nothing sent.
+    let again = aistack_tests::try_post_json(&url, None, "").unwrap();
+    assert_eq!(again.status, 409, "{}", again.body);
+    stack.restart_actioner();
+    let again = aistack_tests::try_post_json(&url, None, "").unwrap();
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert!(again.body.contains("already done"), "{}", again.body);
+    assert!(stack.udp.recv_from(&mut buf).is_err(), "woken twice");
+
+    // A forged or garbled token is refused.
+    let token = &url[prefix.len()..];
+    let (payload, tag) = token.split_once('.').unwrap();
+    let flipped = if tag.starts_with('A') { "B" } else { "A" };
+    for bad in [
+        format!("{prefix}{payload}.{flipped}{}", &tag[1..]),
+        format!("{prefix}not-a-token"),
+    ] {
+        let reply = aistack_tests::try_post_json(&bad, None, "").unwrap();
+        assert_eq!(reply.status, 403, "{bad}: {}", reply.body);
+    }
+    assert!(
+        stack.udp.recv_from(&mut buf).is_err(),
+        "a forged press woke it"
+    );
+
+    let journal = stack.journal();
+    let runs: Vec<_> = journal
+        .iter()
+        .filter(|e| {
+            e["key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("button:wake:nas:"))
+        })
+        .collect();
+    assert_eq!(
+        runs.iter().filter(|e| e["event"] == "planned").count(),
+        1,
+        "{runs:#?}"
+    );
+    assert!(
+        runs.iter()
+            .any(|e| e["event"] == "succeeded" && e["rule"] == "manual:button")
+    );
+    assert_eq!(
+        runs.iter().filter(|e| e["event"] == "skipped").count(),
+        2,
+        "{runs:#?}"
+    );
+
+    // The resolution replaces the notification, without buttons.
+    stack.am.push(&asleep(Some(&now())));
+    let published = wait_for(Duration::from_secs(20), "the resolution", || {
+        let p = stack.ntfy.published();
+        (p.len() >= 2).then_some(p)
+    });
+    assert!(published[1].get("actions").is_none(), "{}", published[1]);
 }

@@ -2,20 +2,23 @@
 //! the alert's name and summary, the priority from its severity, emoji tags, a Markdown body
 //! with the description and links to the runbook, Alertmanager and Prometheus, and a click URL.
 //! A resolved alert is published with the same sequence id, so ntfy 2.16+ updates the firing
-//! notification in place (older servers show a second one that says "RESOLVED").
+//! notification in place (older servers show a second one that says "RESOLVED"). With
+//! `actions.notify.buttons`, firing notifications carry signed buttons ([`crate::buttons`]).
 //!
 //! ntfy being slow or down never holds up another action: notify runs on its own, retries
 //! 429 and 5xx answers and network errors with backoff (1 s, 2 s, 4 s) within its timeout, and
 //! a failure is journaled like any other.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
 use super::{Action, ActionError, Job};
 use crate::alert::{Alert, AlertStatus};
+use crate::buttons::{Buttons, NtfyAction};
 use crate::config::{ActionKind, NtfyConfig};
 
 /// ntfy's default message size limit; longer bodies would become attachments.
@@ -43,6 +46,9 @@ pub struct NtfyMessage {
     pub click: Option<String>,
     /// Ties a firing and its resolution together (ntfy 2.16+ updates in place).
     pub sequence_id: String,
+    /// Buttons that call back into this actioner (`actions.notify.buttons`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<NtfyAction>,
 }
 
 /// Cuts `text` to at most `max` bytes at a character boundary.
@@ -155,6 +161,7 @@ pub fn message_for(
             .cloned()
             .or_else(|| (!alert.generator_url.is_empty()).then(|| alert.generator_url.clone())),
         sequence_id: format!("aistack-{}", cut_bytes(&alert.fingerprint, 48)),
+        actions: Vec::new(),
     }
 }
 
@@ -166,12 +173,18 @@ pub struct Notify {
     topic: String,
     token: Option<String>,
     priorities: BTreeMap<String, u8>,
+    buttons: Option<Arc<Buttons>>,
     timeout: Duration,
 }
 
 impl Notify {
-    /// Publishes to `config.url`, reading the token file once.
-    pub fn new(config: &NtfyConfig, timeout: Duration) -> Result<Self, String> {
+    /// Publishes to `config.url`, reading the token file once; `buttons` go on firing
+    /// notifications.
+    pub fn new(
+        config: &NtfyConfig,
+        buttons: Option<Arc<Buttons>>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let token = config
             .token_file
             .as_deref()
@@ -191,13 +204,21 @@ impl Notify {
             topic: config.topic.clone(),
             token,
             priorities: config.priorities.clone(),
+            buttons,
             timeout,
         })
     }
 
     fn message(&self, job: &Job) -> NtfyMessage {
         match &job.alert {
-            Some(alert) => message_for(alert, &job.external_url, &self.topic, &self.priorities),
+            Some(alert) => NtfyMessage {
+                actions: self
+                    .buttons
+                    .as_ref()
+                    .map(|b| b.for_alert(alert, SystemTime::now()))
+                    .unwrap_or_default(),
+                ..message_for(alert, &job.external_url, &self.topic, &self.priorities)
+            },
             None => NtfyMessage {
                 topic: self.topic.clone(),
                 title: "aistack: test notification".into(),
@@ -207,6 +228,7 @@ impl Notify {
                 markdown: true,
                 click: None,
                 sequence_id: format!("aistack-{}", job.key.replace([':', '|'], "-")),
+                actions: Vec::new(),
             },
         }
     }
