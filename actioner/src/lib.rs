@@ -151,9 +151,16 @@ impl Actioner {
         tracing::info!(state_dir = %config.state_dir.display(), entries = history.len(), "journal read back");
         let rules = RuleSet::new(config)?;
         let metrics = Metrics::new();
-        // Every series a rule can move exists from the start, at 0: increase() and rate()
-        // see the first failure too.
-        metrics.init_actions(config.rules.iter().map(|r| r.action.name()));
+        // Every series a rule or a button can move exists from the start, at 0: increase()
+        // and rate() see the first failure too.
+        let buttons = config.actions.notify.buttons.iter().flat_map(|b| &b.offer);
+        metrics.init_actions(
+            config
+                .rules
+                .iter()
+                .map(|r| r.action.name())
+                .chain(buttons.map(|o| o.action.name())),
+        );
         let (jobs_tx, jobs_rx) = mpsc::channel(executor::QUEUE);
         let recorder = Recorder::start(
             journal,
