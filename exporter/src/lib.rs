@@ -140,7 +140,7 @@ impl Exporter {
                     let mut gpu =
                         GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
                     if enabled(CollectorKind::Docker) {
-                        gpu = gpu.with_container_names(docker_rx.clone());
+                        gpu = gpu.with_containers(docker_rx.clone(), config.discovery.docker);
                     }
                     tasks.push(spawn(kind, gpu, schedule, gpu_tx.clone()));
                     views.push(view(kind, gpu_rx.clone()));

@@ -290,6 +290,96 @@ fn gpu_processes_are_named_after_their_container() {
 }
 
 #[test]
+fn gpu_processes_in_discovered_inference_containers_are_no_host_workload() {
+    // Nothing configured under services: a "vLLM" under vLLM's image name (no port published)
+    // and a container of another image, each with a CUDA process holding memory.
+    let image = aistack_tests::Image::build(
+        "vllm/vllm-openai:aistack-test",
+        &[],
+        &["/bin/busybox", "sleep", "3600"],
+    );
+    let vllm = Container::run_image("vllm-discovered", &image.tag, &[]);
+    let other = Container::run("transcoder", &[], &["sleep", "3600"]);
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), dir.path());
+    for (pid, container) in [(31337, &vllm.id), (31338, &other.id)] {
+        let pid_dir = dir.path().join(format!("proc/{pid}"));
+        std::fs::create_dir_all(&pid_dir).unwrap();
+        std::fs::write(pid_dir.join("comm"), "python3\n").unwrap();
+        std::fs::write(pid_dir.join("cmdline"), "python3\0-m\0server\0").unwrap();
+        std::fs::write(
+            pid_dir.join("cgroup"),
+            format!("0::/system.slice/docker-{container}.scope\n"),
+        )
+        .unwrap();
+    }
+    let scenario: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gpu/l40s.json")).unwrap())
+            .unwrap();
+    let process = |pid: u32| serde_json::json!({"pid": pid, "kind": "compute", "used_memory_bytes": 21474836480u64});
+    let scenario_path = dir.path().join("scenario.json");
+    let write_scenario = |processes: serde_json::Value| {
+        let mut scenario = scenario.clone();
+        scenario["devices"][0]["processes"] = processes;
+        std::fs::write(&scenario_path, scenario.to_string()).unwrap();
+    };
+    write_scenario(serde_json::json!([process(31337)]));
+
+    let config = config(
+        dir.path(),
+        &format!(
+            "  gpu: {{interval: 1s}}\ngpu: {{nvml_library: {}}}\n",
+            fake_nvml_library().display()
+        ),
+    );
+    let mut command = Command::new(binary(EXPORTER));
+    command.env("FAKE_NVML_SCENARIO", &scenario_path);
+    let exporter = Daemon::start_with(
+        command,
+        &[
+            "--config.file",
+            &config,
+            "--path.procfs",
+            dir.path().join("proc").to_str().unwrap(),
+        ],
+    );
+    let workload = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("aistack_gpu_host_workload_active{"))
+            .map(|l| l.ends_with(" 1.0"))
+    };
+    let want = format!(
+        r#"pid="31337",process="python3",kind="compute",container="{0}",service="{0}""#,
+        vllm.name
+    );
+    let body = wait_for(
+        Duration::from_secs(15),
+        "the process attributed to the discovered service",
+        || {
+            let body = exporter.get("/metrics").body;
+            body.contains(&want).then_some(body)
+        },
+    );
+    assert_eq!(
+        workload(&body),
+        Some(false),
+        "vLLM is no host workload:\n{body}"
+    );
+
+    // The other container's process is someone else's work on the GPU.
+    write_scenario(serde_json::json!([process(31337), process(31338)]));
+    let want = format!(
+        r#"pid="31338",process="python3",kind="compute",container="{}",service="""#,
+        other.name
+    );
+    let body = wait_for(Duration::from_secs(15), "the second process", || {
+        let body = exporter.get("/metrics").body;
+        body.contains(&want).then_some(body)
+    });
+    assert_eq!(workload(&body), Some(true), "{body}");
+}
+
+#[test]
 fn containers_of_known_inference_images_are_discovered_and_probed() {
     // An "Ollama" that is busybox httpd serving Ollama's real payloads, under Ollama's image name.
     let fixture =

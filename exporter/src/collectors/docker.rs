@@ -108,16 +108,6 @@ pub struct DockerSample {
     pub containers: Vec<ContainerState>,
 }
 
-impl DockerSample {
-    /// The name of the container whose full id is `id`.
-    pub fn container_name(&self, id: &str) -> Option<&str> {
-        self.containers
-            .iter()
-            .find(|c| c.id == id)
-            .map(|c| c.name.as_str())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ContainerLabels {
     container: String,

@@ -97,6 +97,16 @@ impl IdentityCache {
     }
 }
 
+/// What the Docker engine says about the container a GPU process runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRef {
+    /// Its name.
+    pub name: String,
+    /// It runs a known inference image and `discovery.docker` is on: its processes belong to
+    /// the discovered service named after it.
+    pub inference: bool,
+}
+
 /// How processes are attributed, compiled from the config.
 #[derive(Debug)]
 pub struct Attribution {
@@ -154,21 +164,22 @@ impl Attribution {
         })
     }
 
-    /// Attributes one NVML process entry; `container_name` resolves a full container id to
-    /// its name (through the Docker engine) where it can.
+    /// Attributes one NVML process entry; `containers` looks a full container id up in the
+    /// Docker engine where it can.
     pub fn attribute(
         &self,
         process: &ProcessReading,
         identity: Option<&ProcessIdentity>,
-        container_name: &dyn Fn(&str) -> Option<String>,
+        containers: &dyn Fn(&str) -> Option<ContainerRef>,
     ) -> GpuProcess {
         let empty = ProcessIdentity::default();
         let id = identity.unwrap_or(&empty);
-        let container = id
-            .container_id
-            .as_deref()
-            .map(|full| container_name(full).unwrap_or_else(|| full[..12].to_owned()))
-            .unwrap_or_default();
+        let known = id.container_id.as_deref().and_then(containers);
+        let container = match (&known, id.container_id.as_deref()) {
+            (Some(known), _) => known.name.clone(),
+            (None, Some(full)) => full[..12].to_owned(),
+            (None, None) => String::new(),
+        };
         let names = [
             id.comm.as_deref().unwrap_or(""),
             id.argv0.as_str(),
@@ -193,6 +204,8 @@ impl Attribution {
                 by_container || by_process
             })
             .map(|s| s.name.clone())
+            // Else a discovered service: a container of a known inference image.
+            .or_else(|| known.filter(|k| k.inference).map(|k| k.name))
             .unwrap_or_default();
         let holds_memory = process.used_memory_bytes != Some(0);
         let host_workload = holds_memory
@@ -283,7 +296,7 @@ mod tests {
         Attribution::new(&services, &HostWorkloadConfig::default()).unwrap()
     }
 
-    fn no_names(_: &str) -> Option<String> {
+    fn no_names(_: &str) -> Option<ContainerRef> {
         None
     }
 
@@ -331,8 +344,10 @@ mod tests {
         );
         let id = identity("python3", b"python3\0-m\0some.server\0", DOCKER_V2);
         let names = |full: &str| {
-            full.starts_with("3f2b9c0d")
-                .then(|| "vllm-server".to_owned())
+            full.starts_with("3f2b9c0d").then(|| ContainerRef {
+                name: "vllm-server".into(),
+                inference: false,
+            })
         };
         let p = a.attribute(&process(10, Some(1)), Some(&id), &names);
         assert_eq!(
@@ -345,6 +360,37 @@ mod tests {
             (p.container.as_str(), p.service.as_str()),
             ("3f2b9c0d4e5f", "")
         );
+    }
+
+    #[test]
+    fn containers_of_inference_images_are_discovered_services() {
+        // Nothing configured: a process in a container of a known inference image belongs to
+        // the service discovery names after the container; anything else is host workload.
+        let a = attribution("[]");
+        let id = identity("python3", b"python3\0-m\0some.server\0", DOCKER_V2);
+        let engine = |inference: bool| {
+            move |_: &str| {
+                Some(ContainerRef {
+                    name: "llm".into(),
+                    inference,
+                })
+            }
+        };
+        let p = a.attribute(&process(10, Some(1 << 30)), Some(&id), &engine(true));
+        assert_eq!(
+            (p.container.as_str(), p.service.as_str(), p.host_workload),
+            ("llm", "llm", false)
+        );
+        let p = a.attribute(&process(10, Some(1 << 30)), Some(&id), &engine(false));
+        assert_eq!(
+            (p.container.as_str(), p.service.as_str(), p.host_workload),
+            ("llm", "", true)
+        );
+        // A configured service wins over discovery.
+        let a =
+            attribution("- {name: vllm, kind: vllm, url: 'http://127.0.0.1:8000', container: llm}");
+        let p = a.attribute(&process(10, Some(1 << 30)), Some(&id), &engine(true));
+        assert_eq!(p.service, "vllm");
     }
 
     #[test]

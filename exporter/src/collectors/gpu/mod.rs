@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use serde::Deserialize;
 
-use self::attribution::{Attribution, IdentityCache};
+use self::attribution::{Attribution, ContainerRef, IdentityCache};
 use super::docker::DockerSample;
+use super::services::known_image;
 use super::{Collector, CollectorError, EncodeSample, Latest, blocking};
 use crate::metrics::{counter_family, gauge, gauge_family};
 
@@ -462,6 +463,8 @@ pub struct GpuCollector {
     up: Option<bool>,
     /// The docker collector's containers, to name the containers GPU processes run in.
     containers: Option<Latest<DockerSample>>,
+    /// Whether `discovery.docker` is on.
+    discovery: bool,
 }
 
 impl fmt::Debug for GpuCollector {
@@ -486,12 +489,16 @@ impl GpuCollector {
             backoff: Backoff::default(),
             up: None,
             containers: None,
+            discovery: false,
         }
     }
 
-    /// Names containers from the docker collector's latest sample (else they are short ids).
-    pub fn with_container_names(mut self, containers: Latest<DockerSample>) -> Self {
+    /// Names containers from the docker collector's latest sample (else they are short ids);
+    /// with `discovery`, processes in containers of known inference images belong to the
+    /// service named after their container, as the services collector discovers it.
+    pub fn with_containers(mut self, containers: Latest<DockerSample>, discovery: bool) -> Self {
         self.containers = Some(containers);
+        self.discovery = discovery;
         self
     }
 
@@ -515,15 +522,18 @@ fn read_and_attribute(
     attribution: &Attribution,
     procfs: &std::path::Path,
     containers: Option<&DockerSample>,
+    discovery: bool,
 ) -> Result<GpuSample, GpuError> {
     let mut inner = inner
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let reading = inner.source.read()?;
     let names = |id: &str| {
-        containers
-            .and_then(|c| c.container_name(id))
-            .map(str::to_owned)
+        let container = containers?.containers.iter().find(|c| c.id == id)?;
+        Some(ContainerRef {
+            name: container.name.clone(),
+            inference: discovery && known_image(&container.image).is_some(),
+        })
     };
     Ok(attribute_reading(
         reading,
@@ -541,7 +551,7 @@ pub fn attribute_reading(
     attribution: &Attribution,
     identities: &mut IdentityCache,
     procfs: &std::path::Path,
-    container_name: &dyn Fn(&str) -> Option<String>,
+    containers: &dyn Fn(&str) -> Option<ContainerRef>,
 ) -> GpuSample {
     let pids = reading
         .devices
@@ -555,7 +565,7 @@ pub fn attribute_reading(
             let processes = device
                 .processes
                 .iter()
-                .map(|p| attribution.attribute(p, identities.get(p.pid), container_name))
+                .map(|p| attribution.attribute(p, identities.get(p.pid), containers))
                 .collect();
             GpuDevice {
                 reading: device,
@@ -586,10 +596,11 @@ impl Collector for GpuCollector {
             .containers
             .as_ref()
             .and_then(|c| c.borrow().sample.clone());
-        let (inner, attribution, procfs) = (
+        let (inner, attribution, procfs, discovery) = (
             self.inner.clone(),
             self.attribution.clone(),
             self.procfs.clone(),
+            self.discovery,
         );
         let result = blocking(move || {
             Ok(read_and_attribute(
@@ -597,6 +608,7 @@ impl Collector for GpuCollector {
                 &attribution,
                 &procfs,
                 containers.as_deref(),
+                discovery,
             ))
         })
         .await?;
