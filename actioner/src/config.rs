@@ -840,9 +840,9 @@ impl Config {
         );
         check_url(problems, "actions.notify.buttons.url", &buttons.url);
         problems.check(
-            buttons.ttl.0 >= std::time::Duration::from_secs(60),
+            (60..=30 * 86_400).contains(&buttons.ttl.0.as_secs()),
             "actions.notify.buttons.ttl",
-            "must be at least 1m",
+            "must be 1m to 30d",
         );
         for (i, offer) in buttons.offer.iter().enumerate() {
             let at = |key: &str| format!("actions.notify.buttons.offer[{i}].{key}");
@@ -1049,7 +1049,7 @@ actions:
             [
                 "actions.notify.buttons: buttons go on notifications: they need actions.notify.ntfy",
                 r#"actions.notify.buttons.url: invalid URL "gpu-box:9471": expected http://host[:port][/path] or https://..."#,
-                "actions.notify.buttons.ttl: must be at least 1m",
+                "actions.notify.buttons.ttl: must be 1m to 30d",
                 "actions.notify.buttons.offer[0].match: an offer needs `match` or `match_re`",
                 "actions.notify.buttons.offer[1].label: must be 1 to 40 characters",
                 "actions.notify.buttons.offer[1].action: a button cannot run notify",

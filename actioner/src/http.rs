@@ -32,7 +32,9 @@ use crate::auth::Auth;
 use crate::buttons::{ButtonError, Buttons};
 use crate::config::{ActionKind, MacAddress};
 use crate::metrics::{CodeLabel, Metrics};
-use crate::recorder::{ManualError, ManualRequest, Outcome, RecordError, Recorder, WAKE_RELAY};
+use crate::recorder::{
+    ManualError, ManualRequest, Once, Outcome, RecordError, Recorder, WAKE_RELAY,
+};
 
 /// The content type of the OpenMetrics text format.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -42,6 +44,9 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 const DECISION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a manual trigger waits for its action to end before answering 202.
 const MANUAL_WAIT: Duration = Duration::from_secs(60);
+/// Longest a button press waits: the ntfy app gives up on a request after 15 s, and would
+/// report a failure for an action that runs on.
+const BUTTON_WAIT: Duration = Duration::from_secs(10);
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -107,9 +112,10 @@ impl From<RecordError> for ApiError {
 impl From<ManualError> for ApiError {
     fn from(err: ManualError) -> Self {
         match err {
-            ManualError::Paused | ManualError::Cooldown(_) | ManualError::AlreadyDone => {
-                ApiError::Conflict(err.to_string())
-            }
+            ManualError::Paused
+            | ManualError::Cooldown(_)
+            | ManualError::AlreadyDone
+            | ManualError::Resolved => ApiError::Conflict(err.to_string()),
             ManualError::BadTarget(why) => ApiError::BadRequest(why),
             ManualError::Record(e) => e.into(),
         }
@@ -186,9 +192,22 @@ pub fn app(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(90),
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
+
+/// The span of a request, as tower-http's default but with button tokens left out of the path:
+/// they are credentials.
+fn request_span(request: &Request) -> tracing::Span {
+    let path = request.uri().path();
+    let path = match path.find(BUTTONS_PATH) {
+        Some(at) => &path[..at + BUTTONS_PATH.len()],
+        None => path,
+    };
+    tracing::debug_span!("request", method = %request.method(), path, version = ?request.version())
+}
+
+const BUTTONS_PATH: &str = "/api/v1/buttons/";
 
 async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if state.auth.allows(request.headers()) {
@@ -366,7 +385,8 @@ async fn trigger(
 
 /// A notification button: the token is the authorisation (signed, unexpired), the press runs
 /// through the manual trigger's safety path once. 200 when the action succeeded (or dry run),
-/// 409 when it was skipped, refused (paused, cooldown) or pressed before, 502 when it failed.
+/// 202 when it still runs after 10 s, 409 when it was skipped, refused (paused, cooldown,
+/// resolved) or pressed before, 502 when it failed.
 async fn press_button(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -386,10 +406,13 @@ async fn press_button(
             raw_wake: None,
             dry_run: false,
             source: "button",
-            once: Some(press.key),
+            once: Some(Once {
+                key: press.key,
+                firing: press.firing,
+            }),
         })
         .await?;
-    match tokio::time::timeout(MANUAL_WAIT, outcome).await {
+    match tokio::time::timeout(BUTTON_WAIT, outcome).await {
         Ok(Ok(outcome)) => {
             let status = match outcome {
                 Outcome::Succeeded(_) | Outcome::DryRun(_) => StatusCode::OK,

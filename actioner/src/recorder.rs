@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actions::{Job, RawWake};
-use crate::alert::{Alert, WebhookPayload};
+use crate::alert::{Alert, AlertStatus, WebhookPayload};
 use crate::config::ActionKind;
 use crate::journal::{AlertRef, Event, Journal, JournalEntry};
 use crate::metrics::Metrics;
@@ -76,6 +76,9 @@ pub enum ManualError {
     /// A once-only request that already ran (409).
     #[error("already done: this button was pressed before")]
     AlreadyDone,
+    /// A once-only request about an alert firing that has resolved since (409).
+    #[error("resolved: the alert this button was for has resolved")]
+    Resolved,
     /// As for webhooks.
     #[error(transparent)]
     Record(#[from] RecordError),
@@ -116,9 +119,25 @@ pub struct ManualRequest {
     pub dry_run: bool,
     /// Who asked (`api`, [`WAKE_RELAY`], `button`), for the journal.
     pub source: &'static str,
-    /// A journal key that runs at most once (a notification button); refused once planned.
-    pub once: Option<String>,
+    /// A request that runs at most once (a notification button); refused once planned.
+    pub once: Option<Once>,
 }
+
+/// A once-only request: its journal key, and the alert firing it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Once {
+    /// The journal key; a second request with it is refused.
+    pub key: String,
+    /// `<fingerprint>@<startsAt>`: refused once that firing has resolved.
+    pub firing: String,
+}
+
+/// How a refusal of a repeat begins in the journal: a re-sent webhook, a button pressed again.
+/// Journaled under the key of the run it repeats, and that run goes on.
+const REPEAT_PREFIXES: [&str; 2] = ["duplicate:", "already done:"];
+/// Distinct once-only refusals remembered, so that presses repeated in a flood are journaled
+/// once per start (and counted every time).
+const REFUSALS_REMEMBERED: usize = 4096;
 
 enum Command {
     Webhook {
@@ -184,6 +203,9 @@ struct Ledger {
     recent: VecDeque<JournalEntry>,
     /// Repair targets whose last word was "repairs exhausted", to restore the gauge on start.
     exhausted: HashSet<String>,
+    /// Hashes of the `<fingerprint>@<startsAt>` of firings that resolved, for buttons.
+    resolved: HashSet<u64>,
+    resolved_order: VecDeque<u64>,
 }
 
 impl Ledger {
@@ -252,8 +274,11 @@ impl Ledger {
                 }
             }
             Event::Skipped => {
-                self.pending.remove(&key);
-                self.running.remove(&key);
+                let detail = entry.detail.as_deref().unwrap_or_default();
+                if !REPEAT_PREFIXES.iter().any(|p| detail.starts_with(p)) {
+                    self.pending.remove(&key);
+                    self.running.remove(&key);
+                }
                 if entry.action == Some(ActionKind::Repair) {
                     let detail = entry.detail.as_deref().unwrap_or_default();
                     if detail.starts_with(EXHAUSTED_PREFIX) {
@@ -265,8 +290,28 @@ impl Ledger {
             }
             Event::Paused => self.paused = true,
             Event::Resumed => self.paused = false,
-            Event::Received => {}
+            Event::Received => {
+                if let Some(alert) = entry
+                    .alert
+                    .as_ref()
+                    .filter(|a| a.status == AlertStatus::Resolved)
+                {
+                    let hash = key_hash(&format!("{}@{}", alert.fingerprint, alert.starts_at));
+                    if self.resolved.insert(hash) {
+                        self.resolved_order.push_back(hash);
+                        if self.resolved_order.len() > DEDUPE_CAPACITY
+                            && let Some(old) = self.resolved_order.pop_front()
+                        {
+                            self.resolved.remove(&old);
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    fn has_resolved(&self, firing: &str) -> bool {
+        self.resolved.contains(&key_hash(firing))
     }
 
     /// Keeps written entries for `GET /api/v1/actions`.
@@ -350,6 +395,8 @@ struct Task {
     jobs: mpsc::Sender<Queued>,
     metrics: Metrics,
     manual_seq: u64,
+    /// Hashes of once-only refusals journaled since the start (key and why).
+    refusals: HashSet<u64>,
 }
 
 /// An answer deferred until the batch's journal write is known.
@@ -362,6 +409,8 @@ struct Batch {
     jobs: Vec<(mpsc::OwnedPermit<Queued>, Queued)>,
     replies: Vec<Reply>,
     new_keys: HashSet<String>,
+    /// `<fingerprint>@<startsAt>` of firings resolved in this batch.
+    resolved: HashSet<String>,
     /// (rule, target) and (action, target) planned in this batch, for cooldowns within it.
     new_rule_runs: HashSet<(String, String)>,
     new_action_runs: HashSet<(ActionKind, String)>,
@@ -383,6 +432,11 @@ impl Task {
         };
         let mut overloaded = false;
         for alert in &payload.alerts {
+            if alert.status == AlertStatus::Resolved {
+                batch
+                    .resolved
+                    .insert(format!("{}@{}", alert.fingerprint, alert.starts_at));
+            }
             let decisions = self.rules.decide(alert);
             batch.entries.push(JournalEntry {
                 alert: Some(AlertRef::from(alert)),
@@ -492,13 +546,16 @@ impl Task {
         batch: &mut Batch,
     ) -> Result<oneshot::Receiver<Outcome>, ManualError> {
         self.manual_seq += 1;
-        let key = request.once.clone().unwrap_or_else(|| {
-            format!(
-                "manual:{}:{}",
-                humantime::format_rfc3339_millis(SystemTime::now()),
-                self.manual_seq
-            )
-        });
+        let key = request.once.as_ref().map_or_else(
+            || {
+                format!(
+                    "manual:{}:{}",
+                    humantime::format_rfc3339_millis(SystemTime::now()),
+                    self.manual_seq
+                )
+            },
+            |once| once.key.clone(),
+        );
         // The global dry_run holds for manual triggers too: nothing acts while it is set.
         let dry_run = request.dry_run || self.rules.dry_run();
         let target = match (&request.raw_wake, &request.target) {
@@ -513,16 +570,34 @@ impl Task {
             dry_run,
             cooldown: None,
         };
+        let once = request.once.is_some();
         let refuse = |this: &mut Self, batch: &mut Batch, err: ManualError| {
             this.metrics.count(plan.action.name(), "skipped");
-            batch.entries.push(JournalEntry {
-                detail: Some(err.to_string()),
-                ..entry(Event::Skipped, &key, &plan, None)
-            });
+            let detail = err.to_string();
+            // Anyone who saw a button can press it again and again: journal each distinct
+            // refusal of it once per start, not once per press.
+            let first = !once || {
+                let refusal = key_hash(&format!("{key}\n{detail}"));
+                if this.refusals.len() >= REFUSALS_REMEMBERED {
+                    this.refusals.clear();
+                }
+                this.refusals.insert(refusal)
+            };
+            if first {
+                batch.entries.push(JournalEntry {
+                    detail: Some(detail),
+                    ..entry(Event::Skipped, &key, &plan, None)
+                });
+            }
             Err(err)
         };
-        if request.once.is_some() && (self.ledger.ran(&key) || batch.new_keys.contains(&key)) {
-            return refuse(self, batch, ManualError::AlreadyDone);
+        if let Some(once) = &request.once {
+            if self.ledger.ran(&key) || batch.new_keys.contains(&key) {
+                return refuse(self, batch, ManualError::AlreadyDone);
+            }
+            if self.ledger.has_resolved(&once.firing) || batch.resolved.contains(&once.firing) {
+                return refuse(self, batch, ManualError::Resolved);
+            }
         }
         let takes_target = matches!(
             request.action,
@@ -786,6 +861,7 @@ impl Recorder {
             jobs,
             metrics,
             manual_seq: 0,
+            refusals: HashSet::new(),
         };
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -864,5 +940,60 @@ impl Recorder {
     /// The newest `limit` journal entries, newest first.
     pub async fn recent(&self, limit: usize) -> Result<Vec<JournalEntry>, RecordError> {
         self.ask(|reply| Command::Recent { limit, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(event: Event, key: &str, detail: Option<&str>) -> JournalEntry {
+        JournalEntry {
+            key: Some(key.into()),
+            action: Some(ActionKind::Failback),
+            detail: detail.map(Into::into),
+            ..JournalEntry::new(event)
+        }
+    }
+
+    #[test]
+    fn a_repeat_refused_mid_run_leaves_the_run_open() {
+        let mut ledger = Ledger::default();
+        let key = "button:failback::fp@2026-11-22T21:00:00Z";
+        ledger.apply(&at(Event::Planned, key, None));
+        ledger.apply(&at(Event::Started, key, None));
+        for why in [
+            ManualError::AlreadyDone.to_string(),
+            SkipReason::Duplicate.to_string(),
+        ] {
+            ledger.apply(&at(Event::Skipped, key, Some(&why)));
+            assert!(ledger.running.contains_key(key), "{why}");
+        }
+        // A skip at action time ends it.
+        ledger.apply(&at(
+            Event::Skipped,
+            key,
+            Some("condition no longer true: vLLM is not healthy"),
+        ));
+        assert!(ledger.running.is_empty() && ledger.pending.is_empty());
+        assert!(ledger.ran(key));
+    }
+
+    #[test]
+    fn resolved_firings_are_remembered_from_received_entries() {
+        let mut ledger = Ledger::default();
+        let received = |status| JournalEntry {
+            alert: Some(AlertRef {
+                name: "A".into(),
+                fingerprint: "fp".into(),
+                status,
+                starts_at: "2026-11-22T21:00:00Z".into(),
+            }),
+            ..JournalEntry::new(Event::Received)
+        };
+        ledger.apply(&received(AlertStatus::Firing));
+        assert!(!ledger.has_resolved("fp@2026-11-22T21:00:00Z"));
+        ledger.apply(&received(AlertStatus::Resolved));
+        assert!(ledger.has_resolved("fp@2026-11-22T21:00:00Z"));
     }
 }

@@ -33,6 +33,11 @@ impl Setup {
     }
 
     fn config(&self, extra_rules: &str) -> Config {
+        self.config_with(extra_rules, "")
+    }
+
+    /// With `extra_actions` under `actions:` (indented two spaces).
+    fn config_with(&self, extra_rules: &str, extra_actions: &str) -> Config {
         let port = self.udp.local_addr().unwrap().port();
         let yaml = format!(
             r#"
@@ -50,6 +55,7 @@ actions:
       nas: {{mac: "aa:bb:cc:dd:ee:ff", broadcast: 127.0.0.1, port: {port}}}
       gpu-box: {{mac: "aa:bb:cc:dd:ee:01", broadcast: 127.0.0.1, port: {port}}}
       secure: {{mac: "aa:bb:cc:dd:ee:02", broadcast: 127.0.0.1, port: {port}, secureon: "01:02:03:04:05:06"}}
+{extra_actions}
 "#,
             state = self.dir.path().join("state").display(),
         );
@@ -680,4 +686,133 @@ async fn the_global_dry_run_holds_for_manual_triggers_too() {
         .find(|e| e.event == Event::Planned)
         .unwrap();
     assert!(planned.dry_run, "{planned:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved() {
+    use aistack_actioner::alert::Alert;
+    use aistack_actioner::buttons::Buttons;
+
+    let setup = Setup::new();
+    let key_file = setup.dir.path().join("buttons.key");
+    std::fs::write(&key_file, "ab".repeat(32)).unwrap();
+    let config = setup.config_with(
+        "",
+        &format!(
+            r#"  notify:
+    ntfy: {{url: "http://127.0.0.1:9", topic: t}}
+    buttons:
+      url: "http://phone-reachable.example"
+      key_file: {}
+      offer: [{{match: {{alertname: NasAsleep}}, label: "Wake {{target}}", action: wake, target: nas}}]"#,
+            key_file.display()
+        ),
+    );
+    let buttons = Buttons::new(&config).unwrap().unwrap();
+    let press_path = |fingerprint: &str| {
+        let alert: Alert = serde_json::from_str(&alert(
+            "NasAsleep",
+            fingerprint,
+            "2026-11-22T21:00:00Z",
+            "firing",
+        ))
+        .unwrap();
+        let offered = buttons.for_alert(&alert, std::time::SystemTime::now());
+        assert_eq!(offered.len(), 1);
+        offered[0]
+            .url
+            .strip_prefix("http://phone-reachable.example")
+            .unwrap()
+            .to_owned()
+    };
+    let actioner = Actioner::start(
+        &config,
+        Auth::from_secrets(TOKEN, None, None),
+        build_actions(&config).unwrap(),
+    )
+    .unwrap();
+    let router = &actioner.router;
+    let bearer = format!("Bearer {TOKEN}");
+    let press =
+        |path: String| async move { call(router, "POST", &path, None, None, String::new()).await };
+
+    // Paused: refused, journaled once however often it is pressed, and not used up.
+    let path = press_path("00000000000000b1");
+    call(
+        router,
+        "POST",
+        "/api/v1/pause",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    for _ in 0..5 {
+        let (status, body) = press(path.clone()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::CONFLICT, Some("paused"))
+        );
+    }
+    let skipped = |journal: Vec<JournalEntry>| {
+        journal
+            .into_iter()
+            .filter(|e| {
+                e.event == Event::Skipped
+                    && e.key.as_deref().is_some_and(|k| k.starts_with("button:"))
+            })
+            .count()
+    };
+    assert_eq!(skipped(setup.journal()), 1);
+    call(
+        router,
+        "POST",
+        "/api/v1/resume",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    let (status, body) = press(path.clone()).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &"succeeded".into()),
+        "{body}"
+    );
+    assert_eq!(setup.packets(), 1);
+
+    // Once only.
+    let (status, body) = press(path.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("already done"),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(setup.packets(), 0);
+
+    // Another firing's button, after that firing resolved: refused.
+    let path = press_path("00000000000000b2");
+    let (status, _) = post_alerts(
+        router,
+        webhook(&alert(
+            "NasAsleep",
+            "00000000000000b2",
+            "2026-11-22T21:00:00Z",
+            "resolved",
+        )),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = press(path).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("resolved"),
+        "{body}"
+    );
+    assert_eq!(setup.packets(), 0);
+
+    // A button signed under another key, or none configured here: refused.
+    let (status, _) = press("/api/v1/buttons/bm90IGEgdG9rZW4.AAAA".into()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }

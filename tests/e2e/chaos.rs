@@ -213,6 +213,11 @@ fn sigkill_at_random_points_never_runs_an_action_twice_nor_loses_an_answered_ale
                 "planned" => {
                     open.insert(key);
                 }
+                // A re-send recognised as a duplicate does not end the run it repeats.
+                "skipped"
+                    if e["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("duplicate")) => {}
                 "succeeded" | "failed" | "skipped" => {
                     open.remove(&key);
                 }
