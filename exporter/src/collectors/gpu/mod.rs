@@ -528,20 +528,27 @@ fn read_and_attribute(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let reading = inner.source.read()?;
-    let names = |id: &str| {
-        let container = containers?.containers.iter().find(|c| c.id == id)?;
-        Some(ContainerRef {
-            name: container.name.clone(),
-            inference: discovery && known_image(&container.image).is_some(),
-        })
-    };
     Ok(attribute_reading(
         reading,
         attribution,
         &mut inner.identities,
         procfs,
-        &names,
+        &|id| container_ref(containers, id, discovery),
     ))
+}
+
+/// What the docker collector's sample says about the container with full id `id`: its name,
+/// and (with `discovery`) whether it runs a known inference image.
+fn container_ref(
+    containers: Option<&DockerSample>,
+    id: &str,
+    discovery: bool,
+) -> Option<ContainerRef> {
+    let container = containers?.containers.iter().find(|c| c.id == id)?;
+    Some(ContainerRef {
+        name: container.name.clone(),
+        inference: discovery && known_image(&container.image).is_some(),
+    })
 }
 
 /// Turns a reading into a sample: names, containers and services of its processes (pids read

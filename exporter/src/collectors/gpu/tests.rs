@@ -325,3 +325,35 @@ fn cuda_versions() {
     assert_eq!(cuda_version_string(13010), "13.1");
     assert_eq!(cuda_version_string(11080), "11.8");
 }
+
+#[test]
+fn known_inference_images_are_services_only_with_discovery() {
+    use crate::collectors::docker::{ContainerState, Health};
+    let container = |id: &str, name: &str, image: &str| ContainerState {
+        id: id.into(),
+        name: name.into(),
+        image: image.into(),
+        running: true,
+        health: Health::None,
+        restarts: Some(0),
+        published_ports: Vec::new(),
+    };
+    let docker = DockerSample {
+        nvidia_runtime: true,
+        containers: vec![
+            container("a1", "llm", "vllm/vllm-openai:v0.6.3"),
+            container("b2", "game", "steam-headless:latest"),
+            // The tag moved on: the engine reports the image by id.
+            container("c3", "old-ollama", "sha256:5f2b9c0d4e5f"),
+        ],
+    };
+    let inference = |id: &str, discovery: bool| {
+        container_ref(Some(&docker), id, discovery).map(|c| (c.name, c.inference))
+    };
+    assert_eq!(inference("a1", true), Some(("llm".into(), true)));
+    assert_eq!(inference("a1", false), Some(("llm".into(), false)));
+    assert_eq!(inference("b2", true), Some(("game".into(), false)));
+    assert_eq!(inference("c3", true), Some(("old-ollama".into(), false)));
+    assert_eq!(inference("zz", true), None);
+    assert_eq!(container_ref(None, "a1", true), None);
+}
