@@ -203,6 +203,9 @@ struct Ledger {
     recent: VecDeque<JournalEntry>,
     /// Repair targets whose last word was "repairs exhausted", to restore the gauge on start.
     exhausted: HashSet<String>,
+    /// A rule's failback skipped because paused, and no backend decision since: run at the
+    /// resume, as Alertmanager sends a resolution only once.
+    deferred_failback: Option<JournalEntry>,
     /// Hashes of the `<fingerprint>@<startsAt>` of firings that resolved, for buttons.
     resolved: HashSet<u64>,
     resolved_order: VecDeque<u64>,
@@ -230,6 +233,12 @@ impl Ledger {
         let target = entry.target.clone().unwrap_or_default();
         match entry.event {
             Event::Planned => {
+                if matches!(
+                    entry.action,
+                    Some(ActionKind::Failover | ActionKind::Failback)
+                ) {
+                    self.deferred_failback = None;
+                }
                 self.mark_done(&key);
                 self.pending.insert(key.clone(), entry.clone());
                 if !entry.dry_run {
@@ -275,6 +284,15 @@ impl Ledger {
             }
             Event::Skipped => {
                 let detail = entry.detail.as_deref().unwrap_or_default();
+                // A rule's backend decision missed while paused: the latest one counts (a
+                // failover skipped after it means the GPU is busy again).
+                if entry.alert.is_some() && detail == SkipReason::Paused.to_string() {
+                    match entry.action {
+                        Some(ActionKind::Failback) => self.deferred_failback = Some(entry.clone()),
+                        Some(ActionKind::Failover) => self.deferred_failback = None,
+                        _ => {}
+                    }
+                }
                 if !REPEAT_PREFIXES.iter().any(|p| detail.starts_with(p)) {
                     self.pending.remove(&key);
                     self.running.remove(&key);
@@ -540,6 +558,54 @@ impl Task {
         }
     }
 
+    /// At a resume: the failback a rule wanted while paused, if the backend is still the
+    /// fallback. It runs with its usual re-check (vLLM must come up healthy).
+    fn plan_deferred_failback(&mut self, batch: &mut Batch) {
+        let Some(skipped) = self.ledger.deferred_failback.take() else {
+            return;
+        };
+        let key = skipped.key.clone().unwrap_or_default();
+        if !self.ledger.fallback || self.ledger.ran(&key) || batch.new_keys.contains(&key) {
+            return;
+        }
+        let plan = Plan {
+            rule: skipped.rule.clone().unwrap_or_default(),
+            action: ActionKind::Failback,
+            target: None,
+            dry_run: skipped.dry_run,
+            cooldown: None,
+        };
+        // Now, not when it was skipped: the time counts for cooldowns.
+        let now = |event, detail: String| JournalEntry {
+            key: skipped.key.clone(),
+            rule: skipped.rule.clone(),
+            action: skipped.action,
+            alert: skipped.alert.clone(),
+            dry_run: skipped.dry_run,
+            detail: Some(detail),
+            ..JournalEntry::new(event)
+        };
+        let Ok(permit) = self.jobs.clone().try_reserve_owned() else {
+            batch
+                .entries
+                .push(now(Event::Skipped, SkipReason::Overloaded.to_string()));
+            return;
+        };
+        batch.entries.push(now(
+            Event::Planned,
+            "deferred: the alert resolved while paused".into(),
+        ));
+        batch.new_keys.insert(key.clone());
+        let job = Job {
+            key,
+            plan,
+            alert: None,
+            external_url: String::new(),
+            raw_wake: None,
+        };
+        batch.jobs.push((permit, Queued { job, outcome: None }));
+    }
+
     fn manual(
         &mut self,
         request: ManualRequest,
@@ -745,6 +811,9 @@ impl Task {
                         } else {
                             Event::Resumed
                         }));
+                        if !paused {
+                            self.plan_deferred_failback(&mut batch);
+                        }
                     }
                     batch.replies.push(Box::new(move |commit| {
                         let _ = reply.send(commit);

@@ -816,3 +816,134 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
     let (status, _) = press("/api/v1/buttons/bm90IGEgdG9rZW4.AAAA".into()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_busy_again() {
+    use aistack_actioner::config::ActionKind;
+
+    let setup = Setup::new();
+    // The journal of an actioner that failed over earlier.
+    let (mut journal, _) = Journal::open(&setup.dir.path().join("state"), 1 << 30, 4).unwrap();
+    let mut history: Vec<JournalEntry> = [Event::Planned, Event::Started, Event::Succeeded]
+        .into_iter()
+        .map(|event| JournalEntry {
+            key: Some("failover|f0|2026-11-22T20:00:00Z|firing".into()),
+            rule: Some("failover".into()),
+            action: Some(ActionKind::Failover),
+            ..JournalEntry::new(event)
+        })
+        .collect();
+    journal.append(&mut history).unwrap();
+    drop(journal);
+
+    let config = setup.config_with(
+        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover, dry_run: true}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback, dry_run: true}",
+        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
+    );
+    let actioner = Actioner::start(
+        &config,
+        Auth::from_secrets(TOKEN, None, None),
+        build_actions(&config).unwrap(),
+    )
+    .unwrap();
+    let router = &actioner.router;
+    let bearer = format!("Bearer {TOKEN}");
+    let (_, state) = call(
+        router,
+        "GET",
+        "/api/v1/state",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(state["inference_backend"], "fallback");
+    let deferred = |journal: &[JournalEntry]| {
+        journal
+            .iter()
+            .filter(|e| {
+                e.event == Event::Planned
+                    && e.detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("deferred"))
+            })
+            .count()
+    };
+
+    // The game ends while paused: the failback is skipped, and runs at the resume.
+    call(
+        router,
+        "POST",
+        "/api/v1/pause",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    let resolved = webhook(&alert(
+        "Gaming",
+        "00000000000000f1",
+        "2026-11-22T21:00:00Z",
+        "resolved",
+    ));
+    assert_eq!(post_alerts(router, resolved).await.0, StatusCode::OK);
+    let journal = settled(&setup, "failback|00000000000000f1", Event::Skipped).await;
+    assert_eq!(deferred(&journal), 0);
+    call(
+        router,
+        "POST",
+        "/api/v1/resume",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    let journal = settled(&setup, "failback|00000000000000f1", Event::Planned).await;
+    assert_eq!(deferred(&journal), 1, "{journal:#?}");
+    // It ran (as the rule's dry run) through the executor like any other.
+    let journal = settled(&setup, "failback|00000000000000f1", Event::Skipped).await;
+    assert!(journal.iter().any(|e| {
+        e.detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("dry-run"))
+    }));
+
+    // Paused again: a game ends, another starts. At the resume the GPU is busy: no failback.
+    call(
+        router,
+        "POST",
+        "/api/v1/pause",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    let body = webhook(&format!(
+        "{},{}",
+        alert(
+            "Gaming",
+            "00000000000000f2",
+            "2026-11-22T22:00:00Z",
+            "resolved"
+        ),
+        alert(
+            "Gaming",
+            "00000000000000f3",
+            "2026-11-22T22:30:00Z",
+            "firing"
+        )
+    ));
+    assert_eq!(post_alerts(router, body).await.0, StatusCode::OK);
+    settled(&setup, "failover|00000000000000f3", Event::Skipped).await;
+    call(
+        router,
+        "POST",
+        "/api/v1/resume",
+        Some(&bearer),
+        None,
+        String::new(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(deferred(&setup.journal()), 1);
+}
