@@ -131,16 +131,20 @@ async fn call(
     )
 }
 
+/// `call` as an API client with the bearer token (and a JSON body, when there is one).
+async fn api(
+    router: &Router,
+    method: &str,
+    path: &str,
+    body: String,
+) -> (StatusCode, serde_json::Value) {
+    let bearer = format!("Bearer {TOKEN}");
+    let content_type = (!body.is_empty()).then_some("application/json");
+    call(router, method, path, Some(&bearer), content_type, body).await
+}
+
 async fn post_alerts(router: &Router, body: String) -> (StatusCode, serde_json::Value) {
-    call(
-        router,
-        "POST",
-        "/api/v1/alerts",
-        Some(&format!("Bearer {TOKEN}")),
-        Some("application/json"),
-        body,
-    )
-    .await
+    api(router, "POST", "/api/v1/alerts", body).await
 }
 
 /// Waits until the journal holds an entry of `event` for a key containing `key`.
@@ -246,15 +250,7 @@ async fn a_new_firing_of_the_same_alert_respects_the_cooldown() {
         skipped.detail.as_deref().unwrap().starts_with("cooldown: "),
         "{skipped:?}"
     );
-    let (_, state) = call(
-        &actioner.router,
-        "GET",
-        "/api/v1/state",
-        Some(&format!("Bearer {TOKEN}")),
-        None,
-        String::new(),
-    )
-    .await;
+    let (_, state) = api(&actioner.router, "GET", "/api/v1/state", String::new()).await;
     assert!(
         state["cooldowns"]["wake-nas/nas"].as_u64().unwrap() > 3500,
         "{state}"
@@ -289,7 +285,6 @@ async fn each_alert_is_judged_on_its_own_labels() {
 async fn dry_runs_pause_and_manual_triggers() {
     let setup = Setup::new();
     let actioner = setup.start("");
-    let auth = format!("Bearer {TOKEN}");
     post_alerts(
         &actioner.router,
         webhook(&alert("DryRun", "d1", "2026-11-22T21:00:00Z", "firing")),
@@ -307,15 +302,7 @@ async fn dry_runs_pause_and_manual_triggers() {
     assert!(dry.dry_run);
     assert_eq!(setup.packets(), 0);
 
-    let (status, _) = call(
-        &actioner.router,
-        "POST",
-        "/api/v1/pause",
-        Some(&auth),
-        None,
-        String::new(),
-    )
-    .await;
+    let (status, _) = api(&actioner.router, "POST", "/api/v1/pause", String::new()).await;
     assert_eq!(status, StatusCode::OK);
     let (_, json) = post_alerts(
         &actioner.router,
@@ -323,12 +310,10 @@ async fn dry_runs_pause_and_manual_triggers() {
     )
     .await;
     assert_eq!(json["planned"].as_u64(), Some(0));
-    let (status, json) = call(
+    let (status, json) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&auth),
-        Some("application/json"),
         r#"{"target":"gpu-box"}"#.into(),
     )
     .await;
@@ -352,32 +337,14 @@ async fn dry_runs_pause_and_manual_triggers() {
         "{json}"
     );
     assert_eq!(setup.packets(), 1);
-    let (_, state) = call(
-        &actioner.router,
-        "GET",
-        "/api/v1/state",
-        Some(&auth),
-        None,
-        String::new(),
-    )
-    .await;
+    let (_, state) = api(&actioner.router, "GET", "/api/v1/state", String::new()).await;
     assert_eq!(state["paused"], true);
-    call(
-        &actioner.router,
-        "POST",
-        "/api/v1/resume",
-        Some(&auth),
-        None,
-        String::new(),
-    )
-    .await;
+    api(&actioner.router, "POST", "/api/v1/resume", String::new()).await;
 
-    let (status, json) = call(
+    let (status, json) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&auth),
-        Some("application/json"),
         r#"{"target":"gpu-box"}"#.into(),
     )
     .await;
@@ -387,12 +354,10 @@ async fn dry_runs_pause_and_manual_triggers() {
         "{json}"
     );
     assert_eq!(setup.packets(), 1);
-    let (status, json) = call(
+    let (status, json) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&auth),
-        Some("application/json"),
         r#"{"target":"nas","dry_run":true}"#.into(),
     )
     .await;
@@ -401,33 +366,27 @@ async fn dry_runs_pause_and_manual_triggers() {
         (StatusCode::OK, Some("dry_run")),
         "{json}"
     );
-    let (status, _) = call(
+    let (status, _) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&auth),
-        Some("application/json"),
         r#"{"target":"router"}"#.into(),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = call(
+    let (status, _) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/reboot",
-        Some(&auth),
-        None,
         String::new(),
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Actions this build cannot run yet are journaled as failed, not pretended.
-    let (status, json) = call(
+    let (status, json) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/failover",
-        Some(&auth),
-        None,
         String::new(),
     )
     .await;
@@ -437,12 +396,10 @@ async fn dry_runs_pause_and_manual_triggers() {
         "{json}"
     );
 
-    let (_, tail) = call(
+    let (_, tail) = api(
         &actioner.router,
         "GET",
         "/api/v1/actions?limit=3",
-        Some(&auth),
-        None,
         String::new(),
     )
     .await;
@@ -636,12 +593,10 @@ async fn a_run_interrupted_by_a_crash_is_failed_and_not_retried() {
 async fn a_secureon_password_follows_the_sixteen_macs() {
     let setup = Setup::new();
     let actioner = setup.start("");
-    let (status, json) = call(
+    let (status, json) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&format!("Bearer {TOKEN}")),
-        Some("application/json"),
         r#"{"target":"secure"}"#.into(),
     )
     .await;
@@ -667,12 +622,10 @@ async fn the_global_dry_run_holds_for_manual_triggers_too() {
         build_actions(&config).unwrap(),
     )
     .unwrap();
-    let (status, body) = call(
+    let (status, body) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        Some(&format!("Bearer {TOKEN}")),
-        Some("application/json"),
         r#"{"target":"nas"}"#.into(),
     )
     .await;
@@ -732,21 +685,12 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
     )
     .unwrap();
     let router = &actioner.router;
-    let bearer = format!("Bearer {TOKEN}");
     let press =
         |path: String| async move { call(router, "POST", &path, None, None, String::new()).await };
 
     // Paused: refused, journaled once however often it is pressed, and not used up.
     let path = press_path("00000000000000b1");
-    call(
-        router,
-        "POST",
-        "/api/v1/pause",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/pause", String::new()).await;
     for _ in 0..5 {
         let (status, body) = press(path.clone()).await;
         assert_eq!(
@@ -764,15 +708,7 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
             .count()
     };
     assert_eq!(skipped(setup.journal()), 1);
-    call(
-        router,
-        "POST",
-        "/api/v1/resume",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/resume", String::new()).await;
     let (status, body) = press(path.clone()).await;
     assert_eq!(
         (status, &body["status"]),
@@ -847,16 +783,7 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     )
     .unwrap();
     let router = &actioner.router;
-    let bearer = format!("Bearer {TOKEN}");
-    let (_, state) = call(
-        router,
-        "GET",
-        "/api/v1/state",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    let (_, state) = api(router, "GET", "/api/v1/state", String::new()).await;
     assert_eq!(state["inference_backend"], "fallback");
     let deferred = |journal: &[JournalEntry]| {
         journal
@@ -871,15 +798,7 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     };
 
     // The game ends while paused: the failback is skipped, and runs at the resume.
-    call(
-        router,
-        "POST",
-        "/api/v1/pause",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/pause", String::new()).await;
     let resolved = webhook(&alert(
         "Gaming",
         "00000000000000f1",
@@ -889,35 +808,30 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     assert_eq!(post_alerts(router, resolved).await.0, StatusCode::OK);
     let journal = settled(&setup, "failback|00000000000000f1", Event::Skipped).await;
     assert_eq!(deferred(&journal), 0);
-    call(
-        router,
-        "POST",
-        "/api/v1/resume",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/resume", String::new()).await;
     let journal = settled(&setup, "failback|00000000000000f1", Event::Planned).await;
     assert_eq!(deferred(&journal), 1, "{journal:#?}");
-    // It ran (as the rule's dry run) through the executor like any other.
-    let journal = settled(&setup, "failback|00000000000000f1", Event::Skipped).await;
-    assert!(journal.iter().any(|e| {
-        e.detail
-            .as_deref()
-            .is_some_and(|d| d.starts_with("dry-run"))
-    }));
+    // It runs (as the rule's dry run) through the executor like any other.
+    let ran = |journal: &[JournalEntry]| {
+        journal.iter().any(|e| {
+            e.key
+                .as_deref()
+                .is_some_and(|k| k.contains("failback|00000000000000f1"))
+                && e.detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("dry-run"))
+        })
+    };
+    for _ in 0..100 {
+        if ran(&setup.journal()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ran(&setup.journal()), "{:#?}", setup.journal());
 
     // Paused again: a game ends, another starts. At the resume the GPU is busy: no failback.
-    call(
-        router,
-        "POST",
-        "/api/v1/pause",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/pause", String::new()).await;
     let body = webhook(&format!(
         "{},{}",
         alert(
@@ -935,15 +849,7 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     ));
     assert_eq!(post_alerts(router, body).await.0, StatusCode::OK);
     settled(&setup, "failover|00000000000000f3", Event::Skipped).await;
-    call(
-        router,
-        "POST",
-        "/api/v1/resume",
-        Some(&bearer),
-        None,
-        String::new(),
-    )
-    .await;
+    api(router, "POST", "/api/v1/resume", String::new()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(deferred(&setup.journal()), 1);
 }
