@@ -39,21 +39,7 @@ pub struct Config {
     pub docker: DockerConfig,
 }
 
-/// `docker:`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DockerConfig {
-    /// The engine's socket (default `unix:///var/run/docker.sock`); `DOCKER_HOST` wins when set.
-    pub socket: String,
-}
-
-impl Default for DockerConfig {
-    fn default() -> Self {
-        Self {
-            socket: "unix:///var/run/docker.sock".into(),
-        }
-    }
-}
+pub use aistack_common::docker::DockerConfig;
 
 impl Default for Config {
     fn default() -> Self {
@@ -542,6 +528,30 @@ pub fn anchored_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
+/// Problems with a `match`/`match_re` pair (paths from `at`): at least one is set
+/// (`missing` says so otherwise) and every regex compiles.
+fn check_matchers(
+    problems: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    match_labels: &BTreeMap<String, String>,
+    match_re: &BTreeMap<String, String>,
+    missing: &str,
+) {
+    problems.check(
+        !match_labels.is_empty() || !match_re.is_empty(),
+        at("match"),
+        missing,
+    );
+    for (label, pattern) in match_re {
+        if let Err(err) = anchored_regex(pattern) {
+            problems.push(
+                at(&format!("match_re.{label}")),
+                format!("invalid regex {pattern:?}: {}", regex_reason(&err)),
+            );
+        }
+    }
+}
+
 fn check_url(problems: &mut Problems, path: &str, url: &str) {
     let ok = url
         .parse::<axum::http::Uri>()
@@ -660,19 +670,13 @@ impl Config {
             } else if !names.insert(rule.name.as_str()) {
                 problems.push(at("name"), format!("duplicate rule name {:?}", rule.name));
             }
-            problems.check(
-                !rule.match_labels.is_empty() || !rule.match_re.is_empty(),
-                at("match"),
+            check_matchers(
+                problems,
+                &at,
+                &rule.match_labels,
+                &rule.match_re,
                 "a rule needs `match` or `match_re`; write match_re: {alertname: \".+\"} to match every alert",
             );
-            for (label, pattern) in &rule.match_re {
-                if let Err(err) = anchored_regex(pattern) {
-                    problems.push(
-                        at(&format!("match_re.{label}")),
-                        format!("invalid regex {pattern:?}: {}", regex_reason(&err)),
-                    );
-                }
-            }
             self.check_action(
                 problems,
                 &at,
@@ -846,19 +850,13 @@ impl Config {
         );
         for (i, offer) in buttons.offer.iter().enumerate() {
             let at = |key: &str| format!("actions.notify.buttons.offer[{i}].{key}");
-            problems.check(
-                !offer.match_labels.is_empty() || !offer.match_re.is_empty(),
-                at("match"),
+            check_matchers(
+                problems,
+                &at,
+                &offer.match_labels,
+                &offer.match_re,
                 "an offer needs `match` or `match_re`",
             );
-            for (label, pattern) in &offer.match_re {
-                if let Err(err) = anchored_regex(pattern) {
-                    problems.push(
-                        at(&format!("match_re.{label}")),
-                        format!("invalid regex {pattern:?}: {}", regex_reason(&err)),
-                    );
-                }
-            }
             let label = offer.label.trim();
             problems.check(
                 !label.is_empty() && label.chars().count() <= 40,

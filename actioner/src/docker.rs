@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use aistack_common::docker;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HealthStatusEnum};
 use bollard::query_parameters::{
@@ -47,18 +48,8 @@ impl DockerControl {
     }
 
     async fn client(&self) -> Result<Docker, String> {
-        let endpoint = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| self.socket.clone());
-        let docker = if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
-            Docker::connect_with_http(&endpoint, 120, bollard::API_DEFAULT_VERSION)
-        } else {
-            Docker::connect_with_socket(&endpoint, 120, bollard::API_DEFAULT_VERSION)
-        }
-        .map_err(|e| format!("docker engine unreachable: {e}"))?;
-        docker
-            .negotiate_version()
+        let endpoint = docker::endpoint(&self.socket);
+        docker::connect(&endpoint, Duration::from_secs(120))
             .await
             .map_err(|e| format!("docker engine unreachable: {e}"))
     }

@@ -39,23 +39,7 @@ fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
 }
 
 fn check_config(path: Option<&Path>) -> ExitCode {
-    match load(path) {
-        Ok(_) => {
-            match path {
-                Some(path) => println!("{}: ok", path.display()),
-                None => println!(
-                    "no config file ({DEFAULT_CONFIG_PATH} absent): built-in defaults are valid"
-                ),
-            }
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            for line in err.lines() {
-                eprintln!("{line}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    config::report_check(path, DEFAULT_CONFIG_PATH, load(path))
 }
 
 fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {

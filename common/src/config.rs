@@ -109,6 +109,30 @@ pub fn resolve_path(explicit: Option<&Path>, default: &Path) -> Option<PathBuf> 
     }
 }
 
+/// What `check-config` prints for the outcome of loading `path` (`default` names the file
+/// looked for when there is none): `<path>: ok` on stdout, or every problem on stderr.
+pub fn report_check<T>(
+    path: Option<&Path>,
+    default: &str,
+    loaded: Result<T, ConfigError>,
+) -> std::process::ExitCode {
+    match loaded {
+        Ok(_) => {
+            match path {
+                Some(path) => println!("{}: ok", path.display()),
+                None => println!("no config file ({default} absent): built-in defaults are valid"),
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            for line in err.lines() {
+                eprintln!("{line}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Loads and validates the config at `path`, or returns the defaults (validated too) for `None`.
 pub fn load<T>(path: Option<&Path>) -> Result<T, ConfigError>
 where

@@ -1,11 +1,13 @@
 //! What aistack-exporter and aistack-actioner share: the node_exporter-style common flags,
-//! logging, YAML config loading with path-named problems, and serving HTTP with graceful shutdown.
+//! logging, YAML config loading with path-named problems, the Docker engine connection, and
+//! serving HTTP with graceful shutdown.
 //!
 //! The two binaries stay independent programs (they talk only over HTTP); this crate only keeps
 //! them from writing the same plumbing twice.
 
 pub mod cli;
 pub mod config;
+pub mod docker;
 pub mod logging;
 pub mod login1;
 pub mod server;

@@ -18,27 +18,14 @@ use bollard::models::{ContainerSummaryHealthStatusEnum, ContainerSummaryStateEnu
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use futures_util::StreamExt as _;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
-use serde::Deserialize;
 use tokio::task::JoinHandle;
+
+use aistack_common::docker::{connect, endpoint};
 
 use super::{Collector, CollectorError, EncodeSample};
 use crate::metrics::{gauge, gauge_family};
 
-/// `docker:` in the config.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DockerConfig {
-    /// The engine's socket (default `unix:///var/run/docker.sock`); `DOCKER_HOST` wins when set.
-    pub socket: String,
-}
-
-impl Default for DockerConfig {
-    fn default() -> Self {
-        Self {
-            socket: "unix:///var/run/docker.sock".into(),
-        }
-    }
-}
+pub use aistack_common::docker::DockerConfig;
 
 /// A container's health as the engine reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,25 +218,6 @@ impl Drop for DockerCollector {
             events.abort();
         }
     }
-}
-
-/// The endpoint to use: `DOCKER_HOST` when set, else the configured socket.
-fn endpoint(socket: &str) -> String {
-    std::env::var("DOCKER_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| socket.to_owned())
-}
-
-async fn connect(endpoint: &str, timeout: Duration) -> Result<Docker, bollard::errors::Error> {
-    let secs = timeout.as_secs().max(1);
-    let docker = if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
-        Docker::connect_with_http(endpoint, secs, bollard::API_DEFAULT_VERSION)?
-    } else {
-        Docker::connect_with_socket(endpoint, secs, bollard::API_DEFAULT_VERSION)?
-    };
-    // Speak the engine's API version, whatever bollard's default is.
-    docker.negotiate_version().await
 }
 
 fn unreachable(err: impl fmt::Display) -> CollectorError {
