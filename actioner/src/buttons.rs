@@ -14,12 +14,12 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use regex::Regex;
 use ring::hmac;
 use serde::Serialize;
 
 use crate::alert::{Alert, AlertStatus};
-use crate::config::{ActionKind, ButtonOffer, Config, anchored_regex};
+use crate::config::{ActionKind, ButtonOffer, Config};
+use crate::rules::LabelMatcher;
 
 /// ntfy shows at most this many actions on a notification.
 pub const MAX_BUTTONS: usize = 3;
@@ -69,7 +69,7 @@ pub enum ButtonError {
 
 struct Offer {
     config: ButtonOffer,
-    match_re: Vec<(String, Regex)>,
+    matcher: LabelMatcher,
 }
 
 /// Makes and checks button links.
@@ -104,18 +104,13 @@ impl Buttons {
             .offer
             .iter()
             .map(|offer| {
-                let match_re = offer
-                    .match_re
-                    .iter()
-                    .map(|(label, pattern)| Ok((label.clone(), anchored_regex(pattern)?)))
-                    .collect::<Result<_, regex::Error>>()
-                    .map_err(|e| e.to_string())?;
                 Ok(Offer {
                     config: offer.clone(),
-                    match_re,
+                    matcher: LabelMatcher::new(&offer.match_labels, &offer.match_re)?,
                 })
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, regex::Error>>()
+            .map_err(|e| e.to_string())?;
         Ok(Some(Self::with_key(
             &buttons.url,
             key.trim().as_bytes(),
@@ -161,7 +156,7 @@ impl Buttons {
         let firing = format!("{}@{}", alert.fingerprint, alert.starts_at);
         self.offers
             .iter()
-            .filter(|offer| offer.matches(alert))
+            .filter(|offer| offer.matcher.matches(alert))
             .filter_map(|offer| {
                 let config = &offer.config;
                 let target = config
@@ -260,20 +255,6 @@ impl Buttons {
     }
 }
 
-impl Offer {
-    fn matches(&self, alert: &Alert) -> bool {
-        let value = |label: &str| alert.labels.get(label).map_or("", String::as_str);
-        self.config
-            .match_labels
-            .iter()
-            .all(|(label, want)| value(label) == want)
-            && self
-                .match_re
-                .iter()
-                .all(|(label, re)| re.is_match(value(label)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -286,12 +267,8 @@ mod tests {
 
     fn offer(yaml: &str) -> Offer {
         let config: ButtonOffer = serde_yaml::from_str(yaml).unwrap();
-        let match_re = config
-            .match_re
-            .iter()
-            .map(|(l, p)| (l.clone(), anchored_regex(p).unwrap()))
-            .collect();
-        Offer { config, match_re }
+        let matcher = LabelMatcher::new(&config.match_labels, &config.match_re).unwrap();
+        Offer { config, matcher }
     }
 
     fn buttons(key: &[u8], offers: Vec<Offer>) -> Buttons {

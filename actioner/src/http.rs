@@ -22,6 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use tokio::sync::oneshot;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -370,8 +371,18 @@ async fn trigger(
             once: None,
         })
         .await?;
-    match tokio::time::timeout(MANUAL_WAIT, outcome).await {
-        Ok(Ok(outcome)) => Ok(axum::Json(outcome).into_response()),
+    answer_outcome(outcome, MANUAL_WAIT, |_| StatusCode::OK).await
+}
+
+/// The run's outcome as JSON, with the status `status_of` gives it, once it ends; 202
+/// `running` if it has not ended within `wait` (it runs on).
+async fn answer_outcome(
+    outcome: oneshot::Receiver<Outcome>,
+    wait: Duration,
+    status_of: fn(&Outcome) -> StatusCode,
+) -> Result<Response, ApiError> {
+    match tokio::time::timeout(wait, outcome).await {
+        Ok(Ok(outcome)) => Ok((status_of(&outcome), axum::Json(outcome)).into_response()),
         Ok(Err(_)) => Err(ApiError::Internal(
             "the action ended without a result".into(),
         )),
@@ -412,24 +423,12 @@ async fn press_button(
             }),
         })
         .await?;
-    match tokio::time::timeout(BUTTON_WAIT, outcome).await {
-        Ok(Ok(outcome)) => {
-            let status = match outcome {
-                Outcome::Succeeded(_) | Outcome::DryRun(_) => StatusCode::OK,
-                Outcome::Skipped(_) => StatusCode::CONFLICT,
-                Outcome::Failed(_) => StatusCode::BAD_GATEWAY,
-            };
-            Ok((status, axum::Json(outcome)).into_response())
-        }
-        Ok(Err(_)) => Err(ApiError::Internal(
-            "the action ended without a result".into(),
-        )),
-        Err(_) => Ok((
-            StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({"status": "running"})),
-        )
-            .into_response()),
-    }
+    answer_outcome(outcome, BUTTON_WAIT, |outcome| match outcome {
+        Outcome::Succeeded(_) | Outcome::DryRun(_) => StatusCode::OK,
+        Outcome::Skipped(_) => StatusCode::CONFLICT,
+        Outcome::Failed(_) => StatusCode::BAD_GATEWAY,
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]

@@ -153,13 +153,13 @@ impl Actioner {
         let metrics = Metrics::new();
         // Every series a rule or a button can move exists from the start, at 0: increase()
         // and rate() see the first failure too.
-        let buttons = config.actions.notify.buttons.iter().flat_map(|b| &b.offer);
+        let offers = config.actions.notify.buttons.iter().flat_map(|b| &b.offer);
         metrics.init_actions(
             config
                 .rules
                 .iter()
                 .map(|r| r.action.name())
-                .chain(buttons.map(|o| o.action.name())),
+                .chain(offers.map(|o| o.action.name())),
         );
         let (jobs_tx, jobs_rx) = mpsc::channel(executor::QUEUE);
         let recorder = Recorder::start(
@@ -170,6 +170,10 @@ impl Actioner {
             metrics.clone(),
             RECORDER_INBOX,
         )?;
+        // Presses are checked with the key notify signs with.
+        let buttons = actions
+            .get(&ActionKind::Notify)
+            .and_then(|notify| notify.buttons());
         executor::spawn(actions, recorder.clone(), metrics.clone(), jobs_rx);
         let state = http::AppState::new(
             metrics.clone(),
@@ -177,14 +181,7 @@ impl Actioner {
             auth,
             config.limits.max_body_bytes,
         )
-        .with_buttons(
-            Buttons::new(config)
-                .map_err(|why| StartError::Action {
-                    action: ActionKind::Notify,
-                    why,
-                })?
-                .map(Arc::new),
-        );
+        .with_buttons(buttons);
         Ok(Self {
             router: http::app(state),
             recorder,

@@ -19,7 +19,9 @@ use crate::alert::{Alert, AlertStatus, WebhookPayload};
 use crate::config::ActionKind;
 use crate::journal::{AlertRef, Event, Journal, JournalEntry};
 use crate::metrics::Metrics;
-use crate::rules::{CONDITION_GONE_PREFIX, Decision, EXHAUSTED_PREFIX, Plan, RuleSet, SkipReason};
+use crate::rules::{
+    CONDITION_GONE_PREFIX, Decision, EXHAUSTED_PREFIX, PAUSED, Plan, RuleSet, SkipReason,
+};
 
 /// The `source` of wake requests through the relay (`POST /api/v1/wake`).
 pub const WAKE_RELAY: &str = "wake-relay";
@@ -206,6 +208,8 @@ struct Ledger {
     /// A rule's failback skipped because paused, and no backend decision since: run at the
     /// resume, as Alertmanager sends a resolution only once.
     deferred_failback: Option<JournalEntry>,
+    /// Whether to keep `resolved`: only buttons need it.
+    track_resolved: bool,
     /// Hashes of the `<fingerprint>@<startsAt>` of firings that resolved, for buttons.
     resolved: HashSet<u64>,
     resolved_order: VecDeque<u64>,
@@ -286,7 +290,7 @@ impl Ledger {
                 let detail = entry.detail.as_deref().unwrap_or_default();
                 // A rule's backend decision missed while paused: the latest one counts (a
                 // failover skipped after it means the GPU is busy again).
-                if entry.alert.is_some() && detail == SkipReason::Paused.to_string() {
+                if entry.alert.is_some() && detail == PAUSED {
                     match entry.action {
                         Some(ActionKind::Failback) => self.deferred_failback = Some(entry.clone()),
                         Some(ActionKind::Failover) => self.deferred_failback = None,
@@ -312,7 +316,7 @@ impl Ledger {
                 if let Some(alert) = entry
                     .alert
                     .as_ref()
-                    .filter(|a| a.status == AlertStatus::Resolved)
+                    .filter(|a| self.track_resolved && a.status == AlertStatus::Resolved)
                 {
                     let hash = key_hash(&format!("{}@{}", alert.fingerprint, alert.starts_at));
                     if self.resolved.insert(hash) {
@@ -450,7 +454,7 @@ impl Task {
         };
         let mut overloaded = false;
         for alert in &payload.alerts {
-            if alert.status == AlertStatus::Resolved {
+            if self.ledger.track_resolved && alert.status == AlertStatus::Resolved {
                 batch
                     .resolved
                     .insert(format!("{}@{}", alert.fingerprint, alert.starts_at));
@@ -868,7 +872,10 @@ impl Recorder {
         metrics: Metrics,
         inbox: usize,
     ) -> Result<Self, RecordError> {
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger {
+            track_resolved: rules.offers_buttons(),
+            ..Ledger::default()
+        };
         for e in &history {
             ledger.apply(e);
         }
@@ -1050,7 +1057,10 @@ mod tests {
 
     #[test]
     fn resolved_firings_are_remembered_from_received_entries() {
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger {
+            track_resolved: true,
+            ..Ledger::default()
+        };
         let received = |status| JournalEntry {
             alert: Some(AlertRef {
                 name: "A".into(),

@@ -5,7 +5,7 @@
 //! (`target`) or a label (`target_label`) and must be in the action's allowlist; suspend acts
 //! only for alerts about this host.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use regex::Regex;
@@ -38,6 +38,8 @@ pub enum SkipReason {
     ConditionGone(String),
 }
 
+/// The journal's word for a skip because the actioner is paused.
+pub const PAUSED: &str = "paused";
 /// How a skip for exhausted repairs begins in the journal.
 pub const EXHAUSTED_PREFIX: &str = "repairs exhausted:";
 /// How a skip after a failed re-check at action time begins in the journal.
@@ -55,7 +57,7 @@ impl std::fmt::Display for SkipReason {
             ),
             Self::Duplicate => write!(f, "duplicate: this firing already ran this rule"),
             Self::Cooldown(left) => write!(f, "cooldown: {}s left", left.as_secs()),
-            Self::Paused => write!(f, "paused"),
+            Self::Paused => f.write_str(PAUSED),
             Self::Overloaded => write!(f, "overloaded: action queue full"),
             Self::Exhausted(n, window) => {
                 write!(
@@ -97,7 +99,42 @@ pub enum Decision {
 #[derive(Debug)]
 struct Compiled {
     rule: Rule,
-    match_re: Vec<(String, Regex)>,
+    matcher: LabelMatcher,
+}
+
+/// `match` and `match_re` of a rule or a button offer, compiled: an alert matches when each
+/// `match` label has that value and each `match_re` label matches its anchored regex (a
+/// missing label is the empty string, as in Alertmanager).
+#[derive(Debug)]
+pub struct LabelMatcher {
+    equal: Vec<(String, String)>,
+    regex: Vec<(String, Regex)>,
+}
+
+impl LabelMatcher {
+    /// Compiles `match_re` (validated by check-config: the regexes compile).
+    pub fn new(
+        equal: &BTreeMap<String, String>,
+        regex: &BTreeMap<String, String>,
+    ) -> Result<Self, regex::Error> {
+        Ok(Self {
+            equal: equal.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            regex: regex
+                .iter()
+                .map(|(label, pattern)| Ok((label.clone(), anchored_regex(pattern)?)))
+                .collect::<Result<_, regex::Error>>()?,
+        })
+    }
+
+    /// Whether `alert`'s own labels match.
+    pub fn matches(&self, alert: &Alert) -> bool {
+        let value = |label: &str| alert.labels.get(label).map_or("", String::as_str);
+        self.equal.iter().all(|(label, want)| value(label) == want)
+            && self
+                .regex
+                .iter()
+                .all(|(label, re)| re.is_match(value(label)))
+    }
 }
 
 /// The compiled rules and the allowlists they pick targets from.
@@ -106,6 +143,7 @@ pub struct RuleSet {
     rules: Vec<Compiled>,
     host: String,
     dry_run: bool,
+    buttons: bool,
     wake_targets: BTreeSet<String>,
     repair_targets: BTreeSet<String>,
     repair_limit: (u32, Duration),
@@ -118,14 +156,9 @@ impl RuleSet {
             .rules
             .iter()
             .map(|rule| {
-                let match_re = rule
-                    .match_re
-                    .iter()
-                    .map(|(label, pattern)| Ok((label.clone(), anchored_regex(pattern)?)))
-                    .collect::<Result<_, regex::Error>>()?;
                 Ok(Compiled {
                     rule: rule.clone(),
-                    match_re,
+                    matcher: LabelMatcher::new(&rule.match_labels, &rule.match_re)?,
                 })
             })
             .collect::<Result<_, regex::Error>>()?;
@@ -134,6 +167,7 @@ impl RuleSet {
             rules,
             host: config.host_name(),
             dry_run: config.dry_run,
+            buttons: config.actions.notify.buttons.is_some(),
             wake_targets: config.actions.wake.targets.keys().cloned().collect(),
             repair_targets: repair
                 .docker
@@ -149,6 +183,11 @@ impl RuleSet {
     /// The global `dry_run`.
     pub fn dry_run(&self) -> bool {
         self.dry_run
+    }
+
+    /// Whether notifications carry buttons (`actions.notify.buttons`).
+    pub fn offers_buttons(&self) -> bool {
+        self.buttons
     }
 
     /// This actioner's host name.
@@ -238,22 +277,13 @@ impl RuleSet {
 }
 
 fn matches(compiled: &Compiled, alert: &Alert) -> bool {
-    let rule = &compiled.rule;
     let on = matches!(
-        (rule.on, alert.status),
+        (compiled.rule.on, alert.status),
         (Trigger::Both, _)
             | (Trigger::Firing, AlertStatus::Firing)
             | (Trigger::Resolved, AlertStatus::Resolved)
     );
-    let value = |label: &str| alert.labels.get(label).map_or("", String::as_str);
-    on && rule
-        .match_labels
-        .iter()
-        .all(|(label, want)| value(label) == want)
-        && compiled
-            .match_re
-            .iter()
-            .all(|(label, re)| re.is_match(value(label)))
+    on && compiled.matcher.matches(alert)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::alert::Alert;
+use crate::buttons::Buttons;
 use crate::config::{ActionKind, MacAddress};
 use crate::rules::Plan;
 
@@ -76,6 +77,12 @@ pub trait Action: Send + Sync + 'static {
 
     /// Does it; `Ok` says what was done.
     fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>>;
+
+    /// The buttons this action signs onto its messages, whose presses the API then checks
+    /// (notify, when `actions.notify.buttons` is set).
+    fn buttons(&self) -> Option<Arc<Buttons>> {
+        None
+    }
 }
 
 /// The actions this actioner can run, by kind.

@@ -267,6 +267,10 @@ impl Action for Notify {
         4
     }
 
+    fn buttons(&self) -> Option<Arc<Buttons>> {
+        self.buttons.clone()
+    }
+
     fn describe(&self, job: &Job) -> String {
         let m = self.message(job);
         format!(
