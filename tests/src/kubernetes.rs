@@ -7,7 +7,6 @@
 //! test can check each against the Role the bundle ships.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -369,35 +368,23 @@ impl FakeKubernetes {
     /// Starts it, empty.
     pub fn start() -> Self {
         let cluster = Shared::default();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = cluster.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = Router::new()
-                    .route(
-                        "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
-                        get(deployment).patch(deployment),
-                    )
-                    .route(
-                        "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
-                        get(scale).patch(scale),
-                    )
-                    .route(
-                        "/api/v1/namespaces/{ns}/services/{name}",
-                        get(service).patch(service),
-                    )
-                    .fallback(not_found)
-                    .with_state(state);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let url = crate::serve(
+            Router::new()
+                .route(
+                    "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
+                    get(deployment).patch(deployment),
+                )
+                .route(
+                    "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
+                    get(scale).patch(scale),
+                )
+                .route(
+                    "/api/v1/namespaces/{ns}/services/{name}",
+                    get(service).patch(service),
+                )
+                .fallback(not_found)
+                .with_state(cluster.clone()),
+        );
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(

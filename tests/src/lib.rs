@@ -66,6 +66,25 @@ pub fn copy_tree(src: &Path, dst: &Path) {
     }
 }
 
+/// Serves `app` on a loopback port from a thread of its own (the stand-ins: ntfy, the
+/// Kubernetes API, the HTTP stubs), for the rest of the test process; returns its base URL.
+pub fn serve(app: axum::Router) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    url
+}
+
 /// A loopback port that was free a moment ago (for programs that cannot report the port they
 /// bound, like Prometheus).
 pub fn free_port() -> u16 {

@@ -2,7 +2,6 @@
 //! the root URL) and can be told to fail, stall or rate-limit, as a real server or its
 //! network sometimes does.
 
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,21 +97,11 @@ impl FakeNtfy {
             attempts: 0,
             authorization: Vec::new(),
         }));
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = inner.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = Router::new().route("/", post(publish)).with_state(state);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let url = crate::serve(
+            Router::new()
+                .route("/", post(publish))
+                .with_state(inner.clone()),
+        );
         Self { inner, url }
     }
 

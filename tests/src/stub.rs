@@ -3,7 +3,6 @@
 //! `/health`, Ollama's `/api/tags`).
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -47,21 +46,7 @@ impl StubServer {
     /// Starts it on a loopback port; every path answers 404 until set.
     pub fn start() -> Self {
         let routes = Arc::new(Mutex::new(Routes::default()));
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = routes.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = Router::new().fallback(answer).with_state(state);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let url = crate::serve(Router::new().fallback(answer).with_state(routes.clone()));
         Self { routes, url }
     }
 
