@@ -922,6 +922,15 @@ mod tests {
 
     use super::*;
 
+    /// Every problem check-config reports for `text`, as printed.
+    fn problems_in(text: &str) -> Vec<String> {
+        parse::<Config>(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     const CONTRACT_EXAMPLE: &str =
         include_str!("../../tests/fixtures/config/actioner-contract.yaml");
 
@@ -988,13 +997,8 @@ actions:
     kubernetes: {deployments: ["ollama"]}
     max_attempts: 0
 "#;
-        let lines: Vec<String> = parse::<Config>(text)
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            lines,
+            problems_in(text),
             [
                 r#"state_dir: must be an absolute path, got "relative/dir""#,
                 r#"exporter_url: invalid URL "ftp://x": expected http://host[:port][/path] or https://..."#,
@@ -1037,13 +1041,8 @@ actions:
         - {match: {alertname: A}, label: Fail back, action: failback}
         - {match: {alertname: A}, label: "Wake {target}", action: wake}
 "#;
-        let lines: Vec<String> = parse::<Config>(text)
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            lines,
+            problems_in(text),
             [
                 "actions.notify.buttons: buttons go on notifications: they need actions.notify.ntfy",
                 r#"actions.notify.buttons.url: invalid URL "gpu-box:9471": expected http://host[:port][/path] or https://..."#,
