@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
@@ -21,6 +22,35 @@ pub struct CommonArgs {
     /// Output format of log messages.
     #[arg(long = "log.format", value_enum, default_value_t = LogFormat::Logfmt, global = true)]
     pub log_format: LogFormat,
+
+    /// Most HTTP connections served at once; a new one past it closes the longest-idle one
+    /// (or is refused when every connection is busy with a request).
+    #[arg(long = "web.max-connections", value_name = "N", default_value_t = 512)]
+    pub max_connections: usize,
+
+    /// Longest a client may take to send a request's head; a kept-alive connection idle this
+    /// long is closed too.
+    #[arg(long = "web.read-header-timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub read_header_timeout: Duration,
+}
+
+impl CommonArgs {
+    /// The connection limits these flags ask for.
+    pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
+        crate::server::ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: self.read_header_timeout,
+            ..crate::server::ConnectionLimits::default()
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+    if duration.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(duration)
 }
 
 /// `--log.level`.

@@ -53,6 +53,47 @@ impl Problems {
     }
 }
 
+/// Records a problem unless `url` is an `http://` or `https://` URL with a host.
+pub fn check_http_url(problems: &mut Problems, path: impl Into<String>, url: &str) {
+    let ok = url
+        .parse::<axum::http::Uri>()
+        .ok()
+        .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+    problems.check(
+        ok,
+        path,
+        format!("invalid URL {url:?}: expected http://host[:port][/path] or https://..."),
+    );
+}
+
+/// Records a problem unless `pattern` compiles (after `wrap`, e.g. anchoring), naming what is
+/// wrong in one line.
+pub fn check_regex(
+    problems: &mut Problems,
+    path: impl Into<String>,
+    pattern: &str,
+    wrap: impl Fn(&str) -> String,
+) {
+    if let Err(err) = regex::Regex::new(&wrap(pattern)) {
+        problems.push(
+            path,
+            format!("invalid regex {pattern:?}: {}", regex_reason(&err)),
+        );
+    }
+}
+
+/// The last line of a regex error ("unclosed group"): the full message spans several lines,
+/// and a problem is one line.
+pub fn regex_reason(err: &regex::Error) -> String {
+    let text = err.to_string();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(&text);
+    last.trim().trim_start_matches("error: ").to_owned()
+}
+
 /// Semantic checks a config runs after it deserialized.
 pub trait Validate {
     /// Pushes every problem found; pushes nothing for a valid config.

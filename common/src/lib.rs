@@ -1,13 +1,16 @@
 //! What aistack-exporter and aistack-actioner share: the node_exporter-style common flags,
-//! logging, YAML config loading with path-named problems, the Docker engine connection, and
-//! serving HTTP with graceful shutdown.
+//! logging, YAML config loading with path-named problems, the Docker engine connection, the
+//! exporter's JSON API as both sides read it, `/metrics`, and serving HTTP with bounded
+//! connections and graceful shutdown.
 //!
 //! The two binaries stay independent programs (they talk only over HTTP); this crate only keeps
 //! them from writing the same plumbing twice.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod docker;
+pub mod http;
 pub mod logging;
 pub mod login1;
 pub mod server;
