@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use aistack_common::api::{GPU_PATH, IDLE_PATH};
 use aistack_common::cli::{CommonArgs, ListenAddress};
 use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -55,9 +56,20 @@ pub enum Command {
 }
 
 fn parse_telemetry_path(path: &str) -> Result<String, String> {
+    // The router takes `{name}` as a capture and refuses segments starting with `:` or `*`: a
+    // literal path only, so no flag can make the router panic at start.
+    let pattern = path.contains(['{', '}'])
+        || path
+            .split('/')
+            .any(|segment| segment.starts_with([':', '*']));
     match path {
         p if !p.starts_with('/') => Err("must start with '/'".into()),
-        "/" | "/healthz" => Err(format!("{path} is taken by another endpoint")),
+        "/" | "/healthz" | IDLE_PATH | GPU_PATH => {
+            Err(format!("{path} is taken by another endpoint"))
+        }
+        _ if pattern => {
+            Err("must be a plain path, without '{', '}', or ':' and '*' starting a segment".into())
+        }
         p => Ok(p.to_owned()),
     }
 }
@@ -161,7 +173,21 @@ mod tests {
     fn bad_flags_are_usage_errors() {
         assert!(parse(&["--collector.gpux"]).is_err());
         assert!(parse(&["--web.telemetry-path", "metrics"]).is_err());
-        assert!(parse(&["--web.telemetry-path", "/healthz"]).is_err());
+        for taken in ["/", "/healthz", "/api/v1/idle", "/api/v1/gpu"] {
+            assert!(parse(&["--web.telemetry-path", taken]).is_err(), "{taken}");
+        }
+        for pattern in ["/{x}", "/metrics}", "/:x", "/a/*rest"] {
+            assert!(
+                parse(&["--web.telemetry-path", pattern]).is_err(),
+                "{pattern}"
+            );
+        }
+        assert_eq!(
+            parse(&["--web.telemetry-path", "/prom/metrics:v1"])
+                .unwrap()
+                .telemetry_path,
+            "/prom/metrics:v1"
+        );
         assert!(parse(&["--log.level", "loud"]).is_err());
         assert!(parse(&["--web.listen-address", "9470"]).is_err());
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aistack_common::config::{HumanDuration, Problems, Validate};
+use aistack_common::config::{HumanDuration, Problems, Validate, check_http_url, check_regex};
 use serde::Deserialize;
 
 use crate::collectors::docker::DockerConfig;
@@ -214,23 +214,9 @@ impl Validate for Config {
                     format!("duplicate service name {:?}", service.name),
                 );
             }
-            let url_ok = service
-                .url
-                .parse::<axum::http::Uri>()
-                .ok()
-                .is_some_and(|u| {
-                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-                });
-            problems.check(
-                url_ok,
-                at("url"),
-                format!(
-                    "invalid URL {:?}: expected http://host[:port][/path]",
-                    service.url
-                ),
-            );
+            check_http_url(problems, at("url"), &service.url);
             if let Some(pattern) = &service.process {
-                check_regex(problems, &at("process"), pattern);
+                check_regex(problems, at("process"), pattern, str::to_owned);
             }
         }
         for (key, patterns) in [
@@ -238,27 +224,14 @@ impl Validate for Config {
             ("ignore_patterns", &self.host_workload.ignore_patterns),
         ] {
             for (i, pattern) in patterns.iter().enumerate() {
-                check_regex(problems, &format!("host_workload.{key}[{i}]"), pattern);
+                check_regex(
+                    problems,
+                    format!("host_workload.{key}[{i}]"),
+                    pattern,
+                    str::to_owned,
+                );
             }
         }
-    }
-}
-
-fn check_regex(problems: &mut Problems, path: &str, pattern: &str) {
-    if let Err(err) = regex::Regex::new(pattern) {
-        let text = err.to_string();
-        let reason = text
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or(&text);
-        problems.push(
-            path,
-            format!(
-                "invalid regex {pattern:?}: {}",
-                reason.trim().trim_start_matches("error: ")
-            ),
-        );
     }
 }
 
@@ -314,6 +287,35 @@ mod tests {
                 "collectors.cpu.interval: must be at least 100ms",
                 "collectors.hwmon.timeout: must be more than 0 and at most the interval (1s)",
                 "power_estimation.baseline_watts: must be a number of watts >= 0, got -3",
+            ]
+        );
+    }
+
+    #[test]
+    fn urls_and_patterns_are_checked_where_they_are() {
+        let text = r#"
+services:
+  - {name: vllm, kind: vllm, url: "127.0.0.1:8000", process: "vllm("}
+  - {name: vllm, kind: ollama, url: "ftp://host/"}
+  - {name: ok, kind: http, url: "https://host:8443/health"}
+host_workload: {process_patterns: ["steam", "[a-"], ignore_patterns: ["(?<x"]}
+idle: {gates: {processes: ["rsync", "borg("]}}
+"#;
+        let lines: Vec<String> = parse::<Config>(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "idle.gates.processes[1]: invalid regex \"borg(\": unclosed group",
+                "services[0].url: invalid URL \"127.0.0.1:8000\": expected http://host[:port][/path] or https://...",
+                "services[0].process: invalid regex \"vllm(\": unclosed group",
+                "services[1].name: duplicate service name \"vllm\"",
+                "services[1].url: invalid URL \"ftp://host/\": expected http://host[:port][/path] or https://...",
+                "host_workload.process_patterns[1]: invalid regex \"[a-\": unclosed character class",
+                "host_workload.ignore_patterns[0]: invalid regex \"(?<x\": unclosed capture group name",
             ]
         );
     }

@@ -1,25 +1,25 @@
-//! The HTTP surface: `/` (landing page), `/healthz`, and the telemetry path (`/metrics`).
+//! The HTTP surface: `/` (landing page), `/healthz`, the telemetry path (`/metrics`), and the
+//! JSON API the actioner re-checks at action time: `/api/v1/idle` (the idle engine's verdict)
+//! and `/api/v1/gpu` (host workload on the GPUs).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, SystemTime};
 
+use aistack_common::api::{GPU_PATH, IDLE_PATH};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tower_http::timeout::TimeoutLayer;
-
-use crate::collectors::Latest;
-use crate::collectors::idle::IdleSample;
 use tower_http::trace::TraceLayer;
 
-/// The content type of the OpenMetrics text format.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::collectors::gpu::{self, GpuSample};
+use crate::collectors::idle::IdleSample;
+use crate::collectors::{CollectorKind, Latest};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct AppState {
     last_len: Arc<AtomicUsize>,
     /// The idle engine's verdicts, when the idle collector runs.
     idle: Option<Latest<IdleSample>>,
+    /// The GPU samples, when the gpu collector runs.
+    gpu: Option<Latest<GpuSample>>,
 }
 
 impl AppState {
@@ -40,6 +42,7 @@ impl AppState {
             telemetry_path: telemetry_path.into(),
             last_len: Arc::new(AtomicUsize::new(4096)),
             idle: None,
+            gpu: None,
         }
     }
 
@@ -48,6 +51,33 @@ impl AppState {
         self.idle = idle;
         self
     }
+
+    /// Serves the GPUs' host-workload state at `/api/v1/gpu`.
+    pub fn with_gpu(mut self, gpu: Option<Latest<GpuSample>>) -> Self {
+        self.gpu = gpu;
+        self
+    }
+}
+
+/// Why the JSON API has no answer: the client's to act on, so never logged.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    /// The collector behind the endpoint does not run (404).
+    #[error("the {0} collector is disabled")]
+    Disabled(CollectorKind),
+    /// The collector has not produced its first answer (503: ask again).
+    #[error("no verdict yet")]
+    NotYet,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            Self::Disabled(_) => StatusCode::NOT_FOUND,
+            Self::NotYet => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        (status, Json(serde_json::json!({"error": self.to_string()}))).into_response()
+    }
 }
 
 /// The exporter's router.
@@ -55,7 +85,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(landing))
         .route("/healthz", get(healthz))
-        .route("/api/v1/idle", get(idle))
+        .route(IDLE_PATH, get(idle))
+        .route(GPU_PATH, get(gpu))
         .route(&state.telemetry_path, get(metrics))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -71,7 +102,8 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
         &[
             (&state.telemetry_path, "metrics"),
             ("/healthz", "health check"),
-            ("/api/v1/idle", "idle engine (JSON)"),
+            (IDLE_PATH, "idle engine (JSON)"),
+            (GPU_PATH, "GPU host workload (JSON)"),
         ],
     ))
 }
@@ -80,45 +112,45 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /api/v1/idle`: the idle engine's latest verdict as JSON (what the actioner re-checks
-/// before suspending).
-async fn idle(State(state): State<AppState>) -> Response {
-    let Some(idle) = &state.idle else {
-        let error = serde_json::json!({"error": "the idle collector is disabled"});
-        return (StatusCode::NOT_FOUND, Json(error)).into_response();
-    };
-    let sample = idle.borrow().sample.clone();
-    match sample {
-        Some(sample) => Json(sample.report()).into_response(),
-        None => {
-            let error = serde_json::json!({"error": "no verdict yet"});
-            (StatusCode::SERVICE_UNAVAILABLE, Json(error)).into_response()
-        }
-    }
+/// `GET /api/v1/idle`: the idle engine's latest verdict (what the actioner re-checks before
+/// suspending).
+async fn idle(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let idle = state
+        .idle
+        .as_ref()
+        .ok_or(ApiError::Disabled(CollectorKind::Idle))?;
+    let sample = idle.borrow().sample.clone().ok_or(ApiError::NotYet)?;
+    Ok(Json(sample.report()).into_response())
+}
+
+/// `GET /api/v1/gpu`: what the gpu collector last saw (what the actioner re-checks before
+/// failing back to the primary inference service).
+async fn gpu(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let latest = state
+        .gpu
+        .as_ref()
+        .ok_or(ApiError::Disabled(CollectorKind::Gpu))?;
+    let report = gpu::report(&latest.borrow(), SystemTime::now());
+    Ok(Json(report).into_response())
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut body = String::with_capacity(state.last_len.load(Ordering::Relaxed) + 512);
-    if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        tracing::error!(%err, "encoding metrics failed");
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "encoding metrics failed\n",
-        )
-            .into_response();
-    }
-    state.last_len.store(body.len(), Ordering::Relaxed);
-    ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
+    aistack_common::http::metrics_response(&state.registry, &state.last_len)
 }
 
 #[cfg(test)]
 mod tests {
+    use aistack_common::api::{GpuReport, IdleReport, IdleState};
+    use aistack_common::http::OPENMETRICS_CONTENT_TYPE;
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{Request, header};
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
     use super::*;
+    use crate::collectors::gpu::{DeviceReading, GpuDevice, GpuProcess, ProcessKind};
+    use crate::collectors::{Snapshot, Status, channel};
+    use crate::idle::{Gate, GateKind, Verdict};
     use crate::metrics::ExporterMetrics;
 
     async fn get(router: Router, path: &str) -> (StatusCode, String, String) {
@@ -140,11 +172,12 @@ mod tests {
         )
     }
 
+    fn state(path: &str) -> AppState {
+        AppState::new(ExporterMetrics::new(vec![]).into_registry(), path)
+    }
+
     fn router(path: &str) -> Router {
-        app(AppState::new(
-            ExporterMetrics::new(vec![]).into_registry(),
-            path,
-        ))
+        app(state(path))
     }
 
     #[tokio::test]
@@ -170,10 +203,195 @@ mod tests {
         let (status, _, body) = get(router("/custom"), "/").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("<a href=\"/custom\">"), "{body}");
+        assert!(body.contains("<a href=\"/api/v1/gpu\">"), "{body}");
         let (status, _, _) = get(router("/custom"), "/metrics").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (status, _, body) = get(router("/custom"), "/custom").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("aistack_exporter_build_info"));
+        // A colon inside a segment is literal (the flag refuses one that starts a segment).
+        let (status, _, _) = get(router("/prom/metrics:v1"), "/prom/metrics:v1").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    fn ran(success: bool, last_success: Option<SystemTime>) -> Option<Status> {
+        Some(Status {
+            success,
+            duration: Duration::from_millis(3),
+            last_success,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_idle_api_answers_the_shared_report() {
+        let (status, content_type, body) = get(router("/metrics"), IDLE_PATH).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        assert_eq!(body, r#"{"error":"the idle collector is disabled"}"#);
+
+        let (tx, rx) = channel();
+        let router = || app(state("/metrics").with_idle(Some(rx.clone())));
+        let (status, _, body) = get(router(), IDLE_PATH).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, r#"{"error":"no verdict yet"}"#);
+
+        tx.send_replace(Snapshot {
+            sample: Some(Arc::new(IdleSample {
+                verdict: Verdict {
+                    state: IdleState::Idle,
+                    idle_for: Duration::from_secs(1900),
+                    threshold: Duration::from_secs(1800),
+                    cpu_idle_pct: 98.234,
+                    gpu_idle_pct: 100.0,
+                    suspend_ready: false,
+                    gates: vec![Gate {
+                        kind: GateKind::Inhibitor,
+                        detail: "inhibitor: Steam (Downloading)".into(),
+                    }],
+                    resumed: false,
+                },
+                suspended: Duration::ZERO,
+            })),
+            status: ran(true, Some(SystemTime::now())),
+        });
+        let (status, content_type, body) = get(router(), IDLE_PATH).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        assert_eq!(
+            body,
+            r#"{"state":"idle","idle_for_s":1900,"threshold_s":1800,"cpu_idle_pct":98.2,"gpu_idle_pct":100.0,"suspend_ready":false,"gating_reasons":["inhibitor: Steam (Downloading)"]}"#
+        );
+        let report: IdleReport = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            report.not_ready_because().as_deref(),
+            Some("inhibitor: Steam (Downloading)")
+        );
+    }
+
+    fn process(pid: u32, name: &str, service: &str, host_workload: bool) -> GpuProcess {
+        GpuProcess {
+            pid,
+            kind: ProcessKind::Graphics,
+            memory_bytes: Some(1 << 30),
+            process: name.into(),
+            container: String::new(),
+            service: service.into(),
+            host_workload,
+        }
+    }
+
+    fn device(index: u32, processes: Vec<GpuProcess>) -> GpuDevice {
+        GpuDevice {
+            reading: DeviceReading {
+                index,
+                name: "NVIDIA GeForce RTX 4090".into(),
+                uuid: format!("GPU-{index}"),
+                ..DeviceReading::default()
+            },
+            processes,
+        }
+    }
+
+    async fn gpu_report(router: Router) -> GpuReport {
+        let (status, content_type, body) = get(router, GPU_PATH).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    #[tokio::test]
+    async fn the_gpu_api_says_what_nvml_up_says_and_who_holds_the_gpus() {
+        let (status, content_type, body) = get(router("/metrics"), GPU_PATH).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        assert_eq!(body, r#"{"error":"the gpu collector is disabled"}"#);
+
+        let (tx, rx) = channel();
+        let router = || app(state("/metrics").with_gpu(Some(rx.clone())));
+        // Before the first sample: NVML is not known to answer, there is no age and no GPU.
+        let report = gpu_report(router()).await;
+        assert_eq!(
+            report,
+            GpuReport {
+                nvml_up: false,
+                sample_age_s: None,
+                gpus: vec![]
+            }
+        );
+
+        let sampled_at = SystemTime::now() - Duration::from_secs(2);
+        let game = process(4242, "Cyberpunk2077.e", "", true);
+        let sample = GpuSample {
+            devices: vec![
+                device(0, vec![process(900, "ollama", "ollama", false)]),
+                device(
+                    1,
+                    vec![
+                        process(900, "ollama", "ollama", false),
+                        game.clone(),
+                        process(4243, "Cyberpunk2077.e", "", true),
+                        process(4250, "gamescope", "", true),
+                    ],
+                ),
+            ],
+            ..GpuSample::default()
+        };
+        tx.send_replace(Snapshot {
+            sample: Some(Arc::new(sample)),
+            status: ran(true, Some(sampled_at)),
+        });
+        let report = gpu_report(router()).await;
+        assert!(report.nvml_up);
+        let age = report.sample_age_s.unwrap();
+        assert!((2.0..10.0).contains(&age), "{age}");
+        assert_eq!(report.gpus.len(), 2);
+        assert_eq!(
+            (report.gpus[0].gpu, report.gpus[0].uuid.as_str()),
+            (0, "GPU-0")
+        );
+        assert_eq!(report.gpus[0].name, "NVIDIA GeForce RTX 4090");
+        assert!(!report.gpus[0].host_workload_active);
+        assert!(report.gpus[0].host_workload_processes.is_empty());
+        assert!(report.gpus[1].host_workload_active);
+        assert_eq!(
+            report.gpus[1].host_workload_processes,
+            ["Cyberpunk2077.e", "gamescope"],
+            "each name once, in NVML's order"
+        );
+        assert_eq!(
+            report.confirm_free().unwrap_err(),
+            "host workload still holds GPU 1 (Cyberpunk2077.e, gamescope)"
+        );
+
+        // The game quits: positive evidence that the GPUs are free.
+        tx.send_modify(|s| {
+            let mut sample = (**s.sample.as_ref().unwrap()).clone();
+            sample.devices[1].processes.retain(|p| !p.host_workload);
+            s.sample = Some(Arc::new(sample));
+        });
+        assert_eq!(gpu_report(router()).await.confirm_free(), Ok(()));
+
+        // The next sample fails (NVML went away): down, no GPUs, the age of the last success.
+        tx.send_replace(Snapshot {
+            sample: None,
+            status: ran(false, Some(sampled_at)),
+        });
+        let report = gpu_report(router()).await;
+        assert!(!report.nvml_up);
+        assert!(report.gpus.is_empty());
+        assert!(report.sample_age_s.is_some_and(|age| age >= 2.0));
+        assert!(report.confirm_free().is_err());
     }
 }

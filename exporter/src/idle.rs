@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
-use aistack_common::config::Problems;
+use aistack_common::config::{Problems, check_regex};
 use serde::Deserialize;
 
 /// `idle:` in the config.
@@ -119,18 +119,12 @@ impl IdleConfig {
             );
         }
         for (i, pattern) in self.gates.processes.iter().enumerate() {
-            if let Err(err) = regex::Regex::new(pattern) {
-                let text = err.to_string();
-                let reason = text
-                    .lines()
-                    .last()
-                    .unwrap_or(&text)
-                    .trim_start_matches("error: ");
-                problems.push(
-                    format!("idle.gates.processes[{i}]"),
-                    format!("invalid regex {pattern:?}: {reason}"),
-                );
-            }
+            check_regex(
+                problems,
+                format!("idle.gates.processes[{i}]"),
+                pattern,
+                str::to_owned,
+            );
         }
         for (i, port) in self.gates.connection_ports.iter().enumerate() {
             problems.check(
@@ -142,30 +136,9 @@ impl IdleConfig {
     }
 }
 
-/// The three states, the `state` label of `aistack_idle_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IdleState {
-    /// The window has not filled since start or resume.
-    WarmingUp,
-    /// Something is using the host.
-    Active,
-    /// Nothing is.
-    Idle,
-}
-
-impl IdleState {
-    /// Every state, in label order.
-    pub const ALL: [IdleState; 3] = [Self::WarmingUp, Self::Active, Self::Idle];
-
-    /// `warming_up`, `active`, `idle`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::WarmingUp => "warming_up",
-            Self::Active => "active",
-            Self::Idle => "idle",
-        }
-    }
-}
+/// The three states, the `state` label of `aistack_idle_state` and `state` in
+/// `GET /api/v1/idle`: one definition, shared with the actioner that reads it.
+pub use aistack_common::api::IdleState;
 
 /// What kind of gate blocks: the `reason` label of `aistack_idle_gate_blocking`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

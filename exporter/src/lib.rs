@@ -1,7 +1,7 @@
 //! aistack-exporter: Prometheus metrics for LLM inference hosts.
 //!
 //! `main` parses flags and config and calls [`Exporter::start`], which spawns one sampling task
-//! per enabled collector and returns the registry that [`http::app`] serves.
+//! per enabled collector and returns what [`http::app`] serves.
 
 pub mod cli;
 pub mod collectors;
@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::collectors::cpu::{CpuCollector, CpuSample};
@@ -23,13 +24,14 @@ use crate::collectors::gpu::nvml::NvmlSource;
 use crate::collectors::gpu::{GpuCollector, GpuSample};
 use crate::collectors::hwmon::HwmonCollector;
 use crate::collectors::idle::{IdleCollector, IdleSample};
-use crate::collectors::logind::LogindCollector;
+use crate::collectors::logind::{LogindCollector, LogindSample};
 use crate::collectors::power::PowerCollector;
 use crate::collectors::rapl::{RaplCollector, RaplSample};
 use crate::collectors::services::ServicesCollector;
 use crate::collectors::wol::WolCollector;
-use crate::collectors::{CollectorKind, Latest, Schedule, channel, spawn};
+use crate::collectors::{Collector, CollectorKind, Latest, Schedule, Snapshot, spawn};
 use crate::config::Config;
+use crate::http::AppState;
 use crate::metrics::{CollectorView, ExporterMetrics, view};
 
 /// Where the collectors read the system from (`--path.procfs`, `--path.sysfs`).
@@ -39,21 +41,6 @@ pub struct Roots {
     pub procfs: PathBuf,
     /// sysfs mountpoint.
     pub sysfs: PathBuf,
-}
-
-/// The latest samples other parts of the exporter consume.
-#[derive(Debug, Clone)]
-pub struct Samples {
-    /// `cpu` collector output.
-    pub cpu: Latest<CpuSample>,
-    /// `rapl` collector output.
-    pub rapl: Latest<RaplSample>,
-    /// `gpu` collector output.
-    pub gpu: Latest<GpuSample>,
-    /// `docker` collector output.
-    pub docker: Latest<DockerSample>,
-    /// The idle engine's verdicts; `None` when the idle collector is off.
-    pub idle: Option<Latest<IdleSample>>,
 }
 
 /// Why the collectors could not start.
@@ -67,15 +54,54 @@ pub enum StartError {
     HttpClient(reqwest::Error),
 }
 
-/// A running exporter: its sampling tasks and the registry that encodes their output.
+type Publisher<S> = watch::Sender<Snapshot<S>>;
+
+/// The channels of the samples that other collectors or the API read. They exist whether or
+/// not their collector runs: a reader of a collector that is off sees no sample, ever.
+#[derive(Debug, Default)]
+struct Shared {
+    cpu: Publisher<CpuSample>,
+    rapl: Publisher<RaplSample>,
+    gpu: Publisher<GpuSample>,
+    docker: Publisher<DockerSample>,
+    logind: Publisher<LogindSample>,
+    idle: Publisher<IdleSample>,
+}
+
+/// The sampling tasks started so far and the views `/metrics` encodes.
+#[derive(Default)]
+struct Running {
+    tasks: Vec<JoinHandle<()>>,
+    views: Vec<Box<dyn CollectorView>>,
+}
+
+impl Running {
+    /// Spawns `collector`'s sampling task on a channel of its own, and encodes what it
+    /// publishes.
+    fn add<C: Collector>(&mut self, kind: CollectorKind, schedule: Schedule, collector: C) {
+        self.add_on(kind, schedule, collector, &Publisher::default());
+    }
+
+    /// Like [`Running::add`], publishing on the shared channel `tx`.
+    fn add_on<C: Collector>(
+        &mut self,
+        kind: CollectorKind,
+        schedule: Schedule,
+        collector: C,
+        tx: &Publisher<C::Sample>,
+    ) {
+        let task = spawn(kind, collector, schedule, tx.clone());
+        self.tasks.push(task);
+        self.views.push(view(kind, tx.subscribe()));
+    }
+}
+
+/// A running exporter: its sampling tasks and the latest samples the HTTP surface serves.
 #[derive(Debug)]
 pub struct Exporter {
-    /// What `/metrics` encodes.
-    pub registry: Arc<Registry>,
-    /// The collectors' channels.
-    pub samples: Samples,
-    /// The enabled collectors.
-    pub enabled: Vec<CollectorKind>,
+    registry: Arc<Registry>,
+    gpu: Option<Latest<GpuSample>>,
+    idle: Option<Latest<IdleSample>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -87,138 +113,107 @@ impl Exporter {
         roots: &Roots,
         enabled: impl Fn(CollectorKind) -> bool,
     ) -> Result<Self, StartError> {
-        let (cpu_tx, cpu_rx) = channel();
-        let (gpu_tx, gpu_rx) = channel();
-        let (docker_tx, docker_rx) = channel();
-        let (services_tx, services_rx) = channel();
-        let (wol_tx, wol_rx) = channel();
-        let (logind_tx, logind_rx) = channel();
-        let (idle_tx, idle_rx) = channel();
-        let (rapl_tx, rapl_rx) = channel();
-        let (hwmon_tx, hwmon_rx) = channel();
-        let (power_tx, power_rx) = channel();
-
-        let mut tasks = Vec::new();
-        let mut views: Vec<Box<dyn CollectorView>> = Vec::new();
-        let mut enabled_kinds = Vec::new();
-        for kind in CollectorKind::ALL.into_iter().filter(|k| enabled(*k)) {
-            let schedule = config.schedule(kind);
-            tracing::info!(collector = %kind, interval = ?schedule.interval, "collector enabled");
-            enabled_kinds.push(kind);
+        use CollectorKind as K;
+        let (procfs, sysfs) = (roots.procfs.as_path(), roots.sysfs.as_path());
+        let shared = Shared::default();
+        // The docker collector's containers name the GPU processes' containers, and (with
+        // discovery) are probed as services.
+        let containers = enabled(K::Docker).then_some(&shared.docker);
+        let discovery = containers.filter(|_| config.discovery.docker);
+        let mut run = Running::default();
+        for kind in K::ALL.into_iter().filter(|k| enabled(*k)) {
+            let at = config.schedule(kind);
+            tracing::info!(collector = %kind, interval = ?at.interval, "collector enabled");
             match kind {
-                CollectorKind::Cpu => {
-                    tasks.push(spawn(
-                        kind,
-                        CpuCollector::new(&roots.procfs),
-                        schedule,
-                        cpu_tx.clone(),
-                    ));
-                    views.push(view(kind, cpu_rx.clone()));
-                }
-                CollectorKind::Rapl => {
-                    tasks.push(spawn(
-                        kind,
-                        RaplCollector::new(&roots.sysfs),
-                        schedule,
-                        rapl_tx.clone(),
-                    ));
-                    views.push(view(kind, rapl_rx.clone()));
-                }
-                CollectorKind::Hwmon => {
-                    tasks.push(spawn(
-                        kind,
-                        HwmonCollector::new(&roots.sysfs),
-                        schedule,
-                        hwmon_tx.clone(),
-                    ));
-                    views.push(view(kind, hwmon_rx.clone()));
-                }
-                CollectorKind::Gpu => {
-                    let source = NvmlSource::new(config.gpu.nvml_library.clone());
-                    let attribution = Attribution::new(&config.services, &config.host_workload)
-                        .map_err(StartError::Pattern)?;
-                    let mut gpu =
-                        GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
-                    if enabled(CollectorKind::Docker) {
-                        gpu = gpu.with_containers(docker_rx.clone(), config.discovery.docker);
-                    }
-                    tasks.push(spawn(kind, gpu, schedule, gpu_tx.clone()));
-                    views.push(view(kind, gpu_rx.clone()));
-                }
-                CollectorKind::Docker => {
-                    let docker = DockerCollector::new(&config.docker, schedule.timeout);
-                    tasks.push(spawn(kind, docker, schedule, docker_tx.clone()));
-                    views.push(view(kind, docker_rx.clone()));
-                }
-                CollectorKind::Services => {
-                    let mut services =
-                        ServicesCollector::new(config.services.clone(), schedule.timeout)
-                            .map_err(StartError::HttpClient)?;
-                    if config.discovery.docker && enabled(CollectorKind::Docker) {
-                        services = services.with_discovery(docker_rx.clone());
-                    }
-                    // Each probe has the configured timeout; the sample as a whole may take
-                    // up to the interval.
-                    let whole = Schedule {
-                        interval: schedule.interval,
-                        timeout: schedule.interval,
-                    };
-                    tasks.push(spawn(kind, services, whole, services_tx.clone()));
-                    views.push(view(kind, services_rx.clone()));
-                }
-                CollectorKind::Wol => {
-                    let wol = WolCollector::new(&config.wol, &roots.sysfs);
-                    tasks.push(spawn(kind, wol, schedule, wol_tx.clone()));
-                    views.push(view(kind, wol_rx.clone()));
-                }
-                CollectorKind::Logind => {
-                    tasks.push(spawn(
-                        kind,
-                        LogindCollector::new(),
-                        schedule,
-                        logind_tx.clone(),
-                    ));
-                    views.push(view(kind, logind_rx.clone()));
-                }
-                CollectorKind::Idle => {
-                    let idle = IdleCollector::new(
-                        config.idle.clone(),
-                        roots.procfs.clone(),
-                        roots.sysfs.clone(),
-                        cpu_rx.clone(),
-                        gpu_rx.clone(),
-                        logind_rx.clone(),
-                    )?;
-                    tasks.push(spawn(kind, idle, schedule, idle_tx.clone()));
-                    views.push(view(kind, idle_rx.clone()));
-                }
-                CollectorKind::Power => {
-                    let power = PowerCollector::new(
-                        config.power_estimation.clone(),
-                        cpu_rx.clone(),
-                        rapl_rx.clone(),
-                        gpu_rx.clone(),
-                    );
-                    tasks.push(spawn(kind, power, schedule, power_tx.clone()));
-                    views.push(view(kind, power_rx.clone()));
-                }
+                K::Cpu => run.add_on(kind, at, CpuCollector::new(procfs), &shared.cpu),
+                K::Rapl => run.add_on(kind, at, RaplCollector::new(sysfs), &shared.rapl),
+                K::Hwmon => run.add(kind, at, HwmonCollector::new(sysfs)),
+                K::Gpu => run.add_on(kind, at, gpu(config, roots, containers)?, &shared.gpu),
+                K::Docker => run.add_on(kind, at, docker(config, at), &shared.docker),
+                K::Services => run.add(kind, whole(at), services(config, at, discovery)?),
+                K::Wol => run.add(kind, at, WolCollector::new(&config.wol, sysfs)),
+                K::Logind => run.add_on(kind, at, LogindCollector::new(), &shared.logind),
+                K::Idle => run.add_on(kind, at, idle(config, roots, &shared)?, &shared.idle),
+                K::Power => run.add(kind, at, power(config, &shared)),
             }
         }
         Ok(Self {
-            registry: ExporterMetrics::new(views).into_registry(),
-            samples: Samples {
-                cpu: cpu_rx,
-                rapl: rapl_rx,
-                gpu: gpu_rx,
-                docker: docker_rx,
-                idle: enabled_kinds
-                    .contains(&CollectorKind::Idle)
-                    .then_some(idle_rx),
-            },
-            enabled: enabled_kinds,
-            tasks,
+            registry: ExporterMetrics::new(run.views).into_registry(),
+            gpu: enabled(K::Gpu).then(|| shared.gpu.subscribe()),
+            idle: enabled(K::Idle).then(|| shared.idle.subscribe()),
+            tasks: run.tasks,
         })
     }
+
+    /// What the HTTP surface serves: the registry at `telemetry_path`, and the JSON API from
+    /// the gpu and idle collectors where they run.
+    pub fn app_state(&self, telemetry_path: &str) -> AppState {
+        AppState::new(self.registry.clone(), telemetry_path)
+            .with_gpu(self.gpu.clone())
+            .with_idle(self.idle.clone())
+    }
+}
+
+// How each collector is built from the config, where it takes more than a line.
+
+fn gpu(
+    config: &Config,
+    roots: &Roots,
+    containers: Option<&Publisher<DockerSample>>,
+) -> Result<GpuCollector, StartError> {
+    let source = NvmlSource::new(config.gpu.nvml_library.clone());
+    let attribution = Attribution::new(&config.services, &config.host_workload)?;
+    let gpu = GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
+    Ok(match containers {
+        Some(docker) => gpu.with_containers(docker.subscribe(), config.discovery.docker),
+        None => gpu,
+    })
+}
+
+fn docker(config: &Config, schedule: Schedule) -> DockerCollector {
+    DockerCollector::new(&config.docker, schedule.timeout)
+}
+
+/// The services collector's schedule: each probe has the configured timeout; the sample as a
+/// whole may take up to the interval.
+fn whole(schedule: Schedule) -> Schedule {
+    Schedule {
+        timeout: schedule.interval,
+        ..schedule
+    }
+}
+
+fn services(
+    config: &Config,
+    schedule: Schedule,
+    discovery: Option<&Publisher<DockerSample>>,
+) -> Result<ServicesCollector, StartError> {
+    let services = ServicesCollector::new(config.services.clone(), schedule.timeout)
+        .map_err(StartError::HttpClient)?;
+    Ok(match discovery {
+        Some(docker) => services.with_discovery(docker.subscribe()),
+        None => services,
+    })
+}
+
+fn idle(config: &Config, roots: &Roots, shared: &Shared) -> Result<IdleCollector, StartError> {
+    Ok(IdleCollector::new(
+        config.idle.clone(),
+        roots.procfs.clone(),
+        roots.sysfs.clone(),
+        shared.cpu.subscribe(),
+        shared.gpu.subscribe(),
+        shared.logind.subscribe(),
+    )?)
+}
+
+fn power(config: &Config, shared: &Shared) -> PowerCollector {
+    PowerCollector::new(
+        config.power_estimation.clone(),
+        shared.cpu.subscribe(),
+        shared.rapl.subscribe(),
+        shared.gpu.subscribe(),
+    )
 }
 
 impl Drop for Exporter {
@@ -226,5 +221,80 @@ impl Drop for Exporter {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use aistack_common::api::{GPU_PATH, IDLE_PATH};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn get(exporter: &Exporter, path: &str) -> (StatusCode, String) {
+        let response = http::app(exporter.app_state("/metrics"))
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// Polls `/metrics` until it holds `needle`.
+    async fn metrics_with(exporter: &Exporter, needle: &str) -> String {
+        for _ in 0..100 {
+            let (_, body) = get(exporter, "/metrics").await;
+            if body.contains(needle) {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {needle} in /metrics");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_enabled_collectors_run_and_the_api_follows_them() {
+        let t0 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/roots/t0");
+        let roots = Roots {
+            procfs: t0.join("proc"),
+            sysfs: t0.join("sys"),
+        };
+        let config: Config =
+            aistack_common::config::parse("gpu: {nvml_library: /nonexistent/libnvidia-ml.so.1}")
+                .unwrap();
+        let exporter = Exporter::start(&config, &roots, |k| {
+            matches!(k, CollectorKind::Cpu | CollectorKind::Gpu)
+        })
+        .unwrap();
+        let body = metrics_with(&exporter, "aistack_nvml_up 0").await;
+        let running: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("aistack_collector_success{collector=\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert_eq!(running, ["cpu", "gpu"], "{body}");
+
+        let (status, body) = get(&exporter, GPU_PATH).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, r#"{"nvml_up":false,"sample_age_s":null,"gpus":[]}"#);
+        let (status, body) = get(&exporter, IDLE_PATH).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, r#"{"error":"the idle collector is disabled"}"#);
+
+        let idle_only = Exporter::start(&config, &roots, |k| k == CollectorKind::Idle).unwrap();
+        let (status, body) = get(&idle_only, GPU_PATH).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, r#"{"error":"the gpu collector is disabled"}"#);
+        metrics_with(&idle_only, "aistack_idle_state{").await;
+        let (status, body) = get(&idle_only, IDLE_PATH).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with(r#"{"state":"warming_up","#), "{body}");
     }
 }

@@ -7,7 +7,7 @@ use aistack_common::config::{self, ConfigError};
 use aistack_common::{logging, server};
 use aistack_exporter::cli::{Cli, Command};
 use aistack_exporter::config::{Config, DEFAULT_CONFIG_PATH};
-use aistack_exporter::http::{AppState, app};
+use aistack_exporter::http::app;
 use aistack_exporter::{Exporter, Roots};
 use anyhow::Context as _;
 
@@ -67,12 +67,16 @@ fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
             config.enabled(kind, cli.collector_flag(kind))
         })
         .context("starting the collectors")?;
+        let limits = server::prepare(cli.common.connection_limits());
         let listener = server::bind(&cli.listen_address)
             .await
             .with_context(|| format!("listening on {}", cli.listen_address))?;
-        let state = AppState::new(exporter.registry.clone(), &cli.telemetry_path)
-            .with_idle(exporter.samples.idle.clone());
-        server::serve(listener, app(state)).await?;
+        server::serve(
+            listener,
+            app(exporter.app_state(&cli.telemetry_path)),
+            limits,
+        )
+        .await?;
         drop(exporter);
         Ok(())
     })

@@ -1,7 +1,7 @@
-//! Fuzzing of what the exporter parses from outside: /proc and /sys text, process command
-//! lines and cgroups, ethtool netlink replies, and its config file. Inputs are random bytes
-//! and byte-level mutations of real samples (the fixture trees and config files); the property
-//! is "never panics", plus what each parser promises.
+//! Fuzzing of what the exporter parses from outside, itself or through procfs-core: /proc and
+//! /sys text, process command lines and cgroups, ethtool netlink replies, and its config file.
+//! Inputs are random bytes and byte-level mutations of real samples (the fixture trees and
+//! config files); the property is "never panics", plus what each parser promises.
 //!
 //! A short pass runs in ./tests/run. The long one, and the figures: docs/reliability.md
 //! (`AISTACK_FUZZ_CASES=1000000 cargo test --release -p aistack-exporter --test fuzz`).
@@ -9,7 +9,7 @@
 use aistack_exporter::collectors::cpu::parse_stat;
 use aistack_exporter::collectors::docker::Health;
 use aistack_exporter::collectors::gpu::attribution::{parse_cmdline, parse_container_id};
-use aistack_exporter::collectors::idle::parse_loadavg;
+use aistack_exporter::collectors::idle::{established_on, net_dev_bytes, parse_loadavg};
 use aistack_exporter::collectors::rapl::parse_u64;
 use aistack_exporter::collectors::wol::{parse_wol_reply, wol_request};
 use aistack_exporter::config::Config;
@@ -99,7 +99,11 @@ proptest! {
 
     #[test]
     fn loadavg_and_sysfs_numbers(bytes in input(vec![
+        read("roots/t0/proc/loadavg"),
         b"0.52 0.58 0.59 2/1187 83210\n".to_vec(),
+        // procfs-core parses an f32: near its overflow, and past it.
+        b"3.4e38 0.58 0.59 2/1187 83210\n".to_vec(),
+        b"2e850000 0.58 0.59 2/1187 83210\n".to_vec(),
         b"262185000000\n".to_vec(),
         read("roots/t0/sys/class/powercap/intel-rapl:0/energy_uj"),
     ])) {
@@ -108,6 +112,22 @@ proptest! {
             prop_assert!(load.is_finite() && load >= 0.0, "{load}");
         }
         let _ = parse_u64(&text);
+    }
+
+    #[test]
+    fn tcp_tables_and_net_dev(bytes in input(vec![
+        read("roots/t0/proc/net/tcp"),
+        read("roots/t0/proc/net/tcp6"),
+        read("roots/t0/proc/net/dev"),
+    ])) {
+        // procfs-core's parsers, on what the idle gates read: an error, never a panic; a port
+        // never has more established connections than the table has lines.
+        let text = text(&bytes);
+        if let Ok(counts) = established_on(&text, &[22, 11434]) {
+            let lines = text.lines().count();
+            prop_assert!(counts.iter().all(|(_, n)| *n > 0 && *n < lines.max(1)), "{counts:?}");
+        }
+        let _ = net_dev_bytes(&text, &["eth0".to_owned(), "lo".to_owned()]);
     }
 
     #[test]
@@ -168,6 +188,17 @@ proptest! {
 #[test]
 fn the_seeds_parse() {
     assert!(parse_stat(&text(&read("roots/t0/proc/stat"))).is_ok());
+    assert_eq!(
+        parse_loadavg(&text(&read("roots/t0/proc/loadavg"))),
+        Some(0.51)
+    );
+    assert_eq!(
+        established_on(&text(&read("roots/t0/proc/net/tcp6")), &[11434]).unwrap(),
+        [(11434, 2)]
+    );
+    assert!(
+        net_dev_bytes(&text(&read("roots/t0/proc/net/dev")), &["eth0".to_owned()]).unwrap() > 0
+    );
     assert_eq!(
         parse_container_id(&text(&read("roots/t0/proc/5021/cgroup"))).map(|id| id.len()),
         Some(64)

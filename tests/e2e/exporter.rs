@@ -327,6 +327,50 @@ fn custom_telemetry_path_and_config_file() {
 }
 
 #[test]
+fn the_telemetry_path_cannot_take_another_endpoint() {
+    for path in ["/healthz", "/api/v1/idle", "/api/v1/gpu", "/{any}"] {
+        let (code, _, err) = run(EXPORTER, &["--web.telemetry-path", path]);
+        assert_eq!(code, 2, "{path}: {err}");
+        assert!(err.contains("--web.telemetry-path"), "{err}");
+    }
+}
+
+#[test]
+fn idle_sockets_past_the_connection_cap_do_not_lock_out_a_scrape() {
+    let exporter = Daemon::start(
+        EXPORTER,
+        &[
+            "--web.max-connections",
+            "4",
+            "--web.read-header-timeout",
+            "2s",
+            "--no-collector.docker",
+        ],
+    );
+    let listening = wait_for(Duration::from_secs(5), "the listening line", || {
+        exporter
+            .log()
+            .into_iter()
+            .find(|l| l.contains(r#""message":"listening""#))
+    });
+    assert!(listening.contains(r#""max_connections":4"#), "{listening}");
+    // Forty clients connect and say nothing; a scrape still gets through, at once.
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(&exporter.address).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert_eq!(exporter.get("/healthz").status, 200);
+    assert!(metrics(&exporter).contains("aistack_exporter_build_info"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+#[test]
 fn check_config_reports_every_problem_with_its_path() {
     let path = |name: &str| {
         fixtures()

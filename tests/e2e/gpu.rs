@@ -1,6 +1,7 @@
 //! The gpu collector end to end: the real exporter binary loading NVML through nvml-wrapper —
 //! the missing library of this machine, and the stand-in libnvidia-ml (tests/fake-nvml)
-//! answering from recorded GPUs — including a driver that goes away and comes back.
+//! answering from recorded GPUs — including a driver that goes away and comes back, and
+//! `GET /api/v1/gpu`, what the actioner's failback re-check reads.
 
 use std::path::Path;
 use std::process::Command;
@@ -39,6 +40,44 @@ fn write_scenario(path: &Path, json: &serde_json::Value) {
 fn recorded(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("gpu").join(name)).unwrap())
         .unwrap()
+}
+
+/// Adds a process to the procfs under `dir` (before [`start`] copies the fixture tree over
+/// it): its `comm`, its command line and a cgroup outside any container.
+fn add_process(dir: &Path, pid: u32, comm: &str, argv: &[&str]) {
+    let proc = dir.join("proc").join(pid.to_string());
+    std::fs::create_dir_all(&proc).unwrap();
+    std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
+    let cmdline: String = argv.iter().map(|a| format!("{a}\0")).collect();
+    std::fs::write(proc.join("cmdline"), cmdline).unwrap();
+    std::fs::write(
+        proc.join("cgroup"),
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n",
+    )
+    .unwrap();
+}
+
+/// `GET /api/v1/gpu` as JSON.
+fn gpu_api(exporter: &Daemon) -> serde_json::Value {
+    let reply = exporter.get("/api/v1/gpu");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.content_type.starts_with("application/json"),
+        "{}",
+        reply.content_type
+    );
+    serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body))
+}
+
+fn wait_for_api(
+    exporter: &Daemon,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_for(Duration::from_secs(20), what, || {
+        let json = gpu_api(exporter);
+        check(&json).then_some(json)
+    })
 }
 
 /// An exporter whose NVML is the fake, answering from `scenario`; procfs is the t0 fixture
@@ -103,6 +142,108 @@ fn without_nvml_the_exporter_says_so_once_and_runs_on() {
         "{log:#?}"
     );
     assert_eq!(exporter.get("/healthz").status, 200);
+    // The API says what aistack_nvml_up says: no NVML, no GPU, and never a sample.
+    let reply = exporter.get("/api/v1/gpu");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.body,
+        r#"{"nvml_up":false,"sample_age_s":null,"gpus":[]}"#
+    );
+}
+
+#[test]
+fn the_gpu_api_sees_a_game_start_and_quit_next_to_an_inference_service() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ollama serving on the GPU, and a Windows game through Proton (comm is cut at 15 bytes;
+    // the command line ends in .exe).
+    add_process(
+        dir.path(),
+        7001,
+        "ollama",
+        &["/usr/local/bin/ollama", "serve"],
+    );
+    add_process(
+        dir.path(),
+        7002,
+        "Cyberpunk2077.e",
+        &[r"Z:\home\gamer\Games\Cyberpunk 2077\bin\x64\Cyberpunk2077.exe"],
+    );
+    let mut scenario = recorded("rtx-4080-super.json");
+    let ollama =
+        serde_json::json!({"pid": 7001, "kind": "compute", "used_memory_bytes": 9_663_676_416u64});
+    let game =
+        serde_json::json!({"pid": 7002, "kind": "graphics", "used_memory_bytes": 4_294_967_296u64});
+    scenario["devices"][0]["processes"] = serde_json::json!([ollama, game]);
+    let exporter = start(dir.path(), &scenario);
+
+    let json = wait_for_api(&exporter, "NVML up", |j| j["nvml_up"] == true);
+    let gpus = json["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 1, "{json}");
+    assert_eq!(
+        gpus[0],
+        serde_json::json!({
+            "gpu": 0,
+            "uuid": "GPU-00000000-0000-0000-0000-000000000000",
+            "name": "NVIDIA GeForce RTX 4080 SUPER",
+            "host_workload_active": true,
+            "host_workload_processes": ["Cyberpunk2077.e"],
+        })
+    );
+    let age = json["sample_age_s"].as_f64().unwrap();
+    assert!((0.0..5.0).contains(&age), "{json}");
+    // The same as the metrics the alert rules read.
+    let body = exporter.get("/metrics").body;
+    let gpu = r#"{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER"}"#;
+    assert_eq!(value(&body, "aistack_nvml_up"), Some(1.0));
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_host_workload_active{gpu}")),
+        Some(1.0)
+    );
+
+    // The game quits; Ollama stays: the GPU is free of host workload.
+    scenario["devices"][0]["processes"] = serde_json::json!([ollama]);
+    write_scenario(&dir.path().join("scenario.json"), &scenario);
+    let json = wait_for_api(&exporter, "the game to go", |j| {
+        j["gpus"][0]["host_workload_active"] == false
+    });
+    assert_eq!(json["nvml_up"], true);
+    assert_eq!(
+        json["gpus"][0]["host_workload_processes"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        value(
+            &exporter.get("/metrics").body,
+            &format!("aistack_gpu_host_workload_active{gpu}")
+        ),
+        Some(0.0)
+    );
+
+    // The driver goes away: no evidence either way, and the age of the last good sample.
+    write_scenario(
+        &dir.path().join("scenario.json"),
+        &serde_json::json!({"gone": true}),
+    );
+    let json = wait_for_api(&exporter, "NVML down", |j| j["nvml_up"] == false);
+    assert_eq!(json["gpus"], serde_json::json!([]));
+    assert!(json["sample_age_s"].as_f64().is_some(), "{json}");
+    assert_eq!(
+        value(&exporter.get("/metrics").body, "aistack_nvml_up"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn the_gpu_api_says_when_the_collector_is_off() {
+    let exporter = Daemon::start(EXPORTER, &["--no-collector.gpu"]);
+    let reply = exporter.get("/api/v1/gpu");
+    assert_eq!(reply.status, 404);
+    assert!(
+        reply.content_type.starts_with("application/json"),
+        "{}",
+        reply.content_type
+    );
+    assert_eq!(reply.body, r#"{"error":"the gpu collector is disabled"}"#);
 }
 
 #[test]

@@ -7,10 +7,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use procfs_core::{ExplicitSystemInfo, FromReadSI, KernelStats};
+use procfs_core::{FromReadSI, KernelStats, ProcResult};
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{Collector, CollectorError, EncodeSample, blocking};
+use super::{Collector, CollectorError, EncodeSample, blocking, system_info};
 use crate::metrics::gauge;
 
 /// Aggregate CPU ticks since boot, split into busy and total.
@@ -23,15 +23,9 @@ pub struct CpuTicks {
 }
 
 /// Parses /proc/stat text into aggregate ticks.
-pub fn parse_stat(text: &str) -> Result<CpuTicks, String> {
-    // Ticks cancel out in a ratio; the value only matters for procfs's unit helpers.
-    let system_info = ExplicitSystemInfo {
-        boot_time_secs: 0,
-        ticks_per_second: 100,
-        page_size: 4096,
-        is_little_endian: cfg!(target_endian = "little"),
-    };
-    let stats = KernelStats::from_read(text.as_bytes(), &system_info).map_err(|e| e.to_string())?;
+pub fn parse_stat(text: &str) -> ProcResult<CpuTicks> {
+    // Ticks cancel out in a ratio.
+    let stats = KernelStats::from_read(text.as_bytes(), &system_info())?;
     let t = stats.total;
     let idle = t.idle.saturating_add(t.iowait.unwrap_or(0));
     let busy = [
@@ -120,10 +114,7 @@ impl Collector for CpuCollector {
             std::fs::read_to_string(&path).map_err(|e| CollectorError::read(&path, e))
         })
         .await?;
-        let ticks = parse_stat(&text).map_err(|message| CollectorError::Parse {
-            path: self.stat.clone(),
-            message,
-        })?;
+        let ticks = parse_stat(&text).map_err(|err| CollectorError::parse(&self.stat, err))?;
         Ok(self.update(ticks))
     }
 }
@@ -142,11 +133,11 @@ mod tests {
     fn parses_the_aggregate_line() {
         // busy = 100 + 20 + 30 + 5 + 5 + 10 (guest 40 is inside user already)
         assert_eq!(
-            parse_stat(STAT),
-            Ok(CpuTicks {
+            parse_stat(STAT).unwrap(),
+            CpuTicks {
                 busy: 170,
                 total: 1020
-            })
+            }
         );
     }
 
@@ -154,11 +145,11 @@ mod tests {
     fn old_kernels_without_optional_columns_parse() {
         let text = "cpu  100 0 100 800\nctxt 1\nbtime 1\nprocesses 1\n";
         assert_eq!(
-            parse_stat(text),
-            Ok(CpuTicks {
+            parse_stat(text).unwrap(),
+            CpuTicks {
                 busy: 200,
                 total: 1000
-            })
+            }
         );
     }
 

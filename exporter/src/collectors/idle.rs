@@ -6,15 +6,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use aistack_common::api::IdleReport;
+use procfs_core::net::{InterfaceDeviceStatus, TcpNetEntries, TcpState};
+use procfs_core::{FromRead, FromReadSI, LoadAverage, ProcResult};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use regex::RegexSet;
-use serde::Serialize;
 
 use super::cpu::CpuSample;
 use super::gpu::GpuSample;
 use super::logind::LogindSample;
 use super::wol::physical_interfaces;
-use super::{Collector, CollectorError, EncodeSample, Latest, blocking};
+use super::{Collector, CollectorError, EncodeSample, Latest, blocking, system_info};
 use crate::idle::{Gate, GateKind, IdleConfig, IdleEngine, IdleState, Observation, Verdict};
 use crate::metrics::{counter, gauge, gauge_family};
 
@@ -31,59 +33,55 @@ pub fn clocks() -> (Duration, Duration) {
     (read(ClockId::Monotonic), read(ClockId::Boottime))
 }
 
-/// The 1-minute load average from /proc/loadavg: a finite, non-negative number or nothing
-/// (Rust's float parser also takes `inf`, `NaN` and `2e850`).
+/// The 1-minute load average from /proc/loadavg: a finite, non-negative number or nothing.
+///
+/// procfs-core parses it as an `f32`, and a float parser takes more than /proc ever says:
+/// `inf`, `NaN`, and `2e850000`, which overflows to infinity. The kernel prints two decimals,
+/// which an `f32` does not hold (0.52 is 0.51999998): the value is rounded back to them.
 pub fn parse_loadavg(text: &str) -> Option<f64> {
-    text.split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-        .filter(|load: &f64| load.is_finite() && *load >= 0.0)
+    let load = LoadAverage::from_read(text.as_bytes()).ok()?;
+    let one = f64::from(load.one);
+    (one.is_finite() && one >= 0.0).then(|| (one * 100.0).round() / 100.0)
 }
 
-/// Established connections whose local port is in `ports`, from /proc/net/tcp or tcp6.
-pub fn established_on(text: &str, ports: &[u16]) -> Vec<(u16, usize)> {
+/// Established connections whose local port is in `ports`, from /proc/net/tcp or tcp6; only
+/// ports with at least one.
+pub fn established_on(text: &str, ports: &[u16]) -> ProcResult<Vec<(u16, usize)>> {
+    let entries = TcpNetEntries::from_read(text.as_bytes(), &system_info())?;
     let mut counts: Vec<(u16, usize)> = ports.iter().map(|p| (*p, 0)).collect();
-    for line in text.lines().skip(1) {
-        let mut fields = line.split_whitespace();
-        let (Some(_sl), Some(local), Some(_remote), Some(state)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if state != "01" {
+    for entry in entries.0 {
+        if entry.state != TcpState::Established {
             continue;
         }
-        let Some(port) = local
-            .rsplit_once(':')
-            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-        else {
-            continue;
-        };
-        if let Some(entry) = counts.iter_mut().find(|(p, _)| *p == port) {
-            entry.1 += 1;
+        let port = entry.local_address.port();
+        if let Some(count) = counts.iter_mut().find(|(p, _)| *p == port) {
+            count.1 += 1;
         }
     }
     counts.retain(|(_, n)| *n > 0);
-    counts
+    Ok(counts)
 }
 
 /// Received plus sent bytes of `interfaces`, from /proc/net/dev.
-pub fn net_dev_bytes(text: &str, interfaces: &[String]) -> u64 {
-    text.lines()
-        .skip(2)
-        .filter_map(|line| {
-            let (name, counters) = line.split_once(':')?;
-            if !interfaces.iter().any(|i| i == name.trim()) {
-                return None;
-            }
-            let fields: Vec<u64> = counters
-                .split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect();
-            Some(fields.first()?.saturating_add(*fields.get(8)?))
-        })
-        .fold(0, u64::saturating_add)
+pub fn net_dev_bytes(text: &str, interfaces: &[String]) -> ProcResult<u64> {
+    let devices = InterfaceDeviceStatus::from_read(text.as_bytes())?;
+    Ok(interfaces
+        .iter()
+        .filter_map(|name| devices.0.get(name))
+        .map(|d| d.recv_bytes.saturating_add(d.sent_bytes))
+        .fold(0, u64::saturating_add))
+}
+
+/// Reads `file` under `procfs`; `None` when it is not there (or not readable).
+fn read(procfs: &Path, file: &str) -> Option<String> {
+    std::fs::read_to_string(procfs.join(file)).ok()
+}
+
+/// Logs a file that did not parse (at debug: the gate it feeds is then off, nothing more).
+fn parsed<T>(file: &str, result: ProcResult<T>) -> Option<T> {
+    result
+        .inspect_err(|err| tracing::debug!(collector = "idle", file, %err, "cannot parse"))
+        .ok()
 }
 
 /// What the procfs-based gates read in one go (on the blocking pool).
@@ -104,19 +102,18 @@ fn read_host(
     let gates = &config.gates;
     let mut readings = HostReadings::default();
     if gates.load_above.is_some() {
-        readings.load = std::fs::read_to_string(procfs.join("loadavg"))
-            .ok()
-            .as_deref()
-            .and_then(parse_loadavg);
+        readings.load = read(procfs, "loadavg").as_deref().and_then(parse_loadavg);
     }
     if !gates.connection_ports.is_empty() {
         for file in ["net/tcp", "net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(procfs.join(file)) {
-                for (port, n) in established_on(&text, &gates.connection_ports) {
-                    match readings.connections.iter_mut().find(|(p, _)| *p == port) {
-                        Some(entry) => entry.1 += n,
-                        None => readings.connections.push((port, n)),
-                    }
+            let Some(text) = read(procfs, file) else {
+                continue;
+            };
+            let found = parsed(file, established_on(&text, &gates.connection_ports));
+            for (port, n) in found.unwrap_or_default() {
+                match readings.connections.iter_mut().find(|(p, _)| *p == port) {
+                    Some(entry) => entry.1 += n,
+                    None => readings.connections.push((port, n)),
                 }
             }
         }
@@ -136,9 +133,8 @@ fn read_host(
     }
     if gates.network_bytes_per_second > 0 {
         let interfaces = physical_interfaces(sysfs).unwrap_or_default();
-        readings.network_bytes = std::fs::read_to_string(procfs.join("net/dev"))
-            .ok()
-            .map(|text| net_dev_bytes(&text, &interfaces));
+        readings.network_bytes = read(procfs, "net/dev")
+            .and_then(|text| parsed("net/dev", net_dev_bytes(&text, &interfaces)));
     }
     readings
 }
@@ -152,32 +148,13 @@ pub struct IdleSample {
     pub suspended: Duration,
 }
 
-/// The JSON of `GET /api/v1/idle`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct IdleReport {
-    /// `warming_up`, `active` or `idle`.
-    pub state: &'static str,
-    /// Seconds idle (0 unless idle).
-    pub idle_for_s: u64,
-    /// `idle.idle_timeout_seconds`.
-    pub threshold_s: u64,
-    /// CPU idle share over the window, percent.
-    pub cpu_idle_pct: f64,
-    /// Idle share of the busiest GPU over the window, percent (100 without GPUs).
-    pub gpu_idle_pct: f64,
-    /// Whether the host may be suspended now.
-    pub suspend_ready: bool,
-    /// Why not, gate by gate.
-    pub gating_reasons: Vec<String>,
-}
-
 impl IdleSample {
     /// The API's view.
     pub fn report(&self) -> IdleReport {
         let v = &self.verdict;
         let round = |x: f64| (x * 10.0).round() / 10.0;
         IdleReport {
-            state: v.state.as_str(),
+            state: v.state,
             idle_for_s: v.idle_for.as_secs(),
             threshold_s: v.threshold.as_secs(),
             cpu_idle_pct: round(v.cpu_idle_pct),
@@ -454,28 +431,84 @@ mod tests {
    2: 0A00020F:0016 0A000201:D5A2 01 00000000:00000000 02:000A7B1D 00000000     0        0 41882 2 0000000000000000 20 4 31 10 -1\n\
    3: 0A00020F:0016 0A000201:D5A4 01 00000000:00000000 02:000A7B1D 00000000     0        0 41883 2 0000000000000000 20 4 31 10 -1\n";
 
-    #[test]
-    fn established_connections_by_local_port() {
-        // Port 22 (0x16): one listening socket (0A) and two established (01); 9494 (0x2516): one.
-        assert_eq!(established_on(TCP, &[22, 9494, 445]), [(22, 2), (9494, 1)]);
-        assert!(established_on(TCP, &[]).is_empty());
-        assert!(established_on("garbage\nmore garbage here x y\n", &[22]).is_empty());
+    fn fixture(file: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/roots/t0/proc")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     #[test]
-    fn loadavg_and_net_dev() {
+    fn established_connections_by_local_port() {
+        // Port 22 (0x16): one listening socket (0A) and two established (01); 9494 (0x2516): one.
+        assert_eq!(
+            established_on(TCP, &[22, 9494, 445]).unwrap(),
+            [(22, 2), (9494, 1)]
+        );
+        assert!(established_on(TCP, &[]).unwrap().is_empty());
+        // Only the header: no connection at all.
+        let header = TCP.lines().next().unwrap();
+        assert!(established_on(header, &[22]).unwrap().is_empty());
+        assert!(established_on("garbage\nmore garbage here x y\n", &[22]).is_err());
+    }
+
+    #[test]
+    fn established_connections_in_captured_tables() {
+        // Two SSH clients on 127.0.0.1:22 (their own ends, local port 0x9DC8 and 0x9DD0, are
+        // not the server's), and Ollama's port 11434 on [::] reached over ::1 and over IPv4
+        // (a v4-mapped address in tcp6); the IPv4 client's end is in tcp.
+        let (tcp, tcp6) = (fixture("net/tcp"), fixture("net/tcp6"));
+        assert_eq!(established_on(&tcp, &[22, 11434]).unwrap(), [(22, 2)]);
+        assert_eq!(established_on(&tcp6, &[22, 11434]).unwrap(), [(11434, 2)]);
+        assert!(
+            established_on(&tcp, &[2024]).unwrap().is_empty(),
+            "listening only"
+        );
+    }
+
+    #[test]
+    fn loadavg() {
         assert_eq!(parse_loadavg("0.52 0.58 0.59 1/467 123456\n"), Some(0.52));
+        assert_eq!(
+            parse_loadavg("123.45 0.58 0.59 1/467 123456\n"),
+            Some(123.45)
+        );
+        assert_eq!(parse_loadavg(&fixture("loadavg")), Some(0.51));
         assert_eq!(parse_loadavg(""), None);
+        assert_eq!(parse_loadavg("0.52"), None, "five fields or nothing");
         // Found by the fuzz pass: a float parser takes more than /proc ever says.
-        for junk in ["2e850000", "inf", "NaN", "-1.5"] {
-            assert_eq!(parse_loadavg(junk), None, "{junk}");
+        for junk in ["2e850000", "inf", "NaN", "-1.5", "-inf"] {
+            let line = format!("{junk} 0.58 0.59 1/467 123456\n");
+            assert_eq!(parse_loadavg(&line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn net_dev() {
         let dev = "Inter-|   Receive                                                |  Transmit\n\
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n\
     lo: 1000  10 0 0 0 0 0 0 1000 10 0 0 0 0 0 0\n\
   eth0: 5000000 4000 0 0 0 0 0 0 250000 2000 0 0 0 0 0 0\n\
 docker0: 77 1 0 0 0 0 0 0 88 1 0 0 0 0 0 0\n";
-        assert_eq!(net_dev_bytes(dev, &["eth0".to_owned()]), 5_250_000);
-        assert_eq!(net_dev_bytes(dev, &[]), 0);
+        assert_eq!(net_dev_bytes(dev, &["eth0".to_owned()]).unwrap(), 5_250_000);
+        assert_eq!(net_dev_bytes(dev, &[]).unwrap(), 0);
+        assert_eq!(net_dev_bytes(dev, &["wlan0".to_owned()]).unwrap(), 0);
+        let captured = fixture("net/dev");
+        let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            net_dev_bytes(&captured, &names(&["eth0"])).unwrap(),
+            133_337_742 + 382_434
+        );
+        assert_eq!(
+            net_dev_bytes(&captured, &names(&["eth0", "docker0", "ifb0"])).unwrap(),
+            133_337_742 + 382_434 + 1626
+        );
+        // Counters near the top add up without overflowing.
+        let huge = dev.replace("5000000", &u64::MAX.to_string());
+        assert_eq!(
+            net_dev_bytes(&huge, &["eth0".to_owned()]).unwrap(),
+            u64::MAX
+        );
+        assert!(net_dev_bytes(&format!("{dev}  eth1: 12 x\n"), &[]).is_err());
     }
 }

@@ -151,13 +151,13 @@ pub enum CollectorError {
         /// What the OS said.
         source: io::Error,
     },
-    /// A file held something we could not parse.
-    #[error("parsing {}: {message}", path.display())]
+    /// A file (or a kernel reply) held something we could not parse.
+    #[error("parsing {}: {source}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// What was wrong.
-        message: String,
+        /// What was wrong: the parser's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The sample did not finish within the collector's timeout.
     #[error("timed out after {0:?}")]
@@ -179,6 +179,14 @@ impl CollectorError {
                 path: path.to_owned(),
                 source,
             },
+        }
+    }
+
+    /// Parsing `path` failed with `source`.
+    pub fn parse(path: &Path, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
         }
     }
 
@@ -317,6 +325,17 @@ fn publish<S>(
             last_success,
         });
     });
+}
+
+/// What procfs-core needs to know about this host to parse /proc text: the byte order (for
+/// socket addresses). Clock ticks and page size cancel out in what the collectors compute.
+pub fn system_info() -> procfs_core::ExplicitSystemInfo {
+    procfs_core::ExplicitSystemInfo {
+        boot_time_secs: 0,
+        ticks_per_second: 100,
+        page_size: 4096,
+        is_little_endian: cfg!(target_endian = "little"),
+    }
 }
 
 /// Runs blocking file I/O on the blocking pool, so a slow sysfs driver never stalls the

@@ -76,6 +76,14 @@ pub fn read_zones(
     Ok((zones, skipped))
 }
 
+/// What can be wrong with a zone's files.
+#[derive(Debug, thiserror::Error)]
+pub enum RaplError {
+    /// `energy_uj` holds no unsigned integer.
+    #[error("not a counter: {0:?}")]
+    NotACounter(String),
+}
+
 fn read_zone(dir: &Path, zone: String) -> Result<Option<ZoneReading>, CollectorError> {
     let read = |file: &str| -> Result<String, CollectorError> {
         let path = dir.join(file);
@@ -85,11 +93,10 @@ fn read_zone(dir: &Path, zone: String) -> Result<Option<ZoneReading>, CollectorE
     let Some(package) = package_label(&name) else {
         return Ok(None);
     };
-    let energy_path = dir.join("energy_uj");
     let energy_text = read("energy_uj")?;
-    let energy_uj = parse_u64(&energy_text).ok_or_else(|| CollectorError::Parse {
-        path: energy_path,
-        message: format!("not a counter: {:?}", energy_text.trim()),
+    let energy_uj = parse_u64(&energy_text).ok_or_else(|| {
+        let text = energy_text.trim().to_owned();
+        CollectorError::parse(&dir.join("energy_uj"), RaplError::NotACounter(text))
     })?;
     let max_energy_range_uj = read("max_energy_range_uj")
         .ok()

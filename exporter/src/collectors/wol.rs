@@ -89,12 +89,26 @@ fn first_u32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
+/// Why a WOL_GET reply could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WolReplyError {
+    /// An attribute is malformed (a length past the buffer, say).
+    #[error(transparent)]
+    Attribute(#[from] DecodeError),
+    /// The reply has no `ETHTOOL_A_WOL_MODES`.
+    #[error("reply without ETHTOOL_A_WOL_MODES")]
+    NoModes,
+    /// The modes bitset has no compact value.
+    #[error("modes without a compact value")]
+    NoValue,
+}
+
 /// Parses the attributes of a WOL_GET reply.
-pub fn parse_wol_reply(payload: &[u8]) -> Result<WolModes, String> {
-    let attrs = |bytes: &[u8]| -> Result<Vec<(u16, Vec<u8>)>, String> {
+pub fn parse_wol_reply(payload: &[u8]) -> Result<WolModes, WolReplyError> {
+    let attrs = |bytes: &[u8]| -> Result<Vec<(u16, Vec<u8>)>, WolReplyError> {
         NlasIterator::new(bytes)
             .map(|nla| {
-                let nla = nla.map_err(|e| e.to_string())?;
+                let nla = nla?;
                 Ok((nla.kind() & NLA_TYPE_MASK, nla.value().to_vec()))
             })
             .collect()
@@ -102,7 +116,7 @@ pub fn parse_wol_reply(payload: &[u8]) -> Result<WolModes, String> {
     let modes = attrs(payload)?
         .into_iter()
         .find(|(kind, _)| *kind == ETHTOOL_A_WOL_MODES)
-        .ok_or("reply without ETHTOOL_A_WOL_MODES")?
+        .ok_or(WolReplyError::NoModes)?
         .1;
     let bitset = attrs(&modes)?;
     let find = |kind| {
@@ -111,7 +125,7 @@ pub fn parse_wol_reply(payload: &[u8]) -> Result<WolModes, String> {
             .find(|(k, _)| *k == kind)
             .and_then(|(_, v)| first_u32(v))
     };
-    let enabled = find(ETHTOOL_A_BITSET_VALUE).ok_or("modes without a compact value")?;
+    let enabled = find(ETHTOOL_A_BITSET_VALUE).ok_or(WolReplyError::NoValue)?;
     Ok(WolModes {
         enabled,
         supported: find(ETHTOOL_A_BITSET_MASK),
@@ -190,10 +204,8 @@ async fn query(interfaces: &[String]) -> Result<Vec<(String, WolAnswer)>, Collec
                             Ok(modes) => WolAnswer::Modes(modes),
                             Err(err) => {
                                 driver.abort();
-                                return Err(CollectorError::Parse {
-                                    path: PathBuf::from(format!("netlink:ethtool/{interface}")),
-                                    message: err,
-                                });
+                                let at = PathBuf::from(format!("netlink:ethtool/{interface}"));
+                                return Err(CollectorError::parse(&at, err));
                             }
                         }
                     }
@@ -355,10 +367,13 @@ mod tests {
         }
         let mut no_modes = Vec::new();
         put_attr(&mut no_modes, ETHTOOL_A_WOL_HEADER | NLA_F_NESTED, &[]);
-        assert_eq!(
-            parse_wol_reply(&no_modes).unwrap_err(),
-            "reply without ETHTOOL_A_WOL_MODES"
-        );
+        let err = parse_wol_reply(&no_modes).unwrap_err();
+        assert!(matches!(err, WolReplyError::NoModes), "{err:?}");
+        assert_eq!(err.to_string(), "reply without ETHTOOL_A_WOL_MODES");
+        assert!(matches!(
+            parse_wol_reply(&[1, 2, 3]),
+            Err(WolReplyError::Attribute(_))
+        ));
     }
 
     #[test]

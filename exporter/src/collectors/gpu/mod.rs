@@ -15,15 +15,16 @@ pub mod nvml;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use aistack_common::api::{GpuReport, GpuState};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use serde::Deserialize;
 
 use self::attribution::{Attribution, ContainerRef, IdentityCache};
 use super::docker::DockerSample;
 use super::services::known_image;
-use super::{Collector, CollectorError, EncodeSample, Latest, blocking};
+use super::{Collector, CollectorError, EncodeSample, Latest, Snapshot, blocking};
 use crate::metrics::{counter_family, gauge, gauge_family};
 
 /// One read of every GPU, in NVML's units. Fields are `None` where the GPU does not support
@@ -217,6 +218,50 @@ impl GpuSample {
     /// Sum of the GPUs' power draw (for the host estimate); GPUs without a reading add 0.
     pub fn power_watts(&self) -> f64 {
         self.devices.iter().filter_map(GpuDevice::power_watts).sum()
+    }
+
+    /// Every GPU's host-workload state, as `GET /api/v1/gpu` lists it: the processes' names
+    /// each once, in NVML's order.
+    pub fn states(&self) -> Vec<GpuState> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut names: Vec<String> = Vec::new();
+                for p in d.processes.iter().filter(|p| p.host_workload) {
+                    if !names.contains(&p.process) {
+                        names.push(p.process.clone());
+                    }
+                }
+                GpuState {
+                    gpu: d.reading.index,
+                    uuid: d.reading.uuid.clone(),
+                    name: d.reading.name.clone(),
+                    host_workload_active: d.host_workload_active(),
+                    host_workload_processes: names,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `GET /api/v1/gpu` from the collector's latest snapshot, at wall-clock time `now`.
+///
+/// `nvml_up` is exactly what `aistack_nvml_up` says: true only when the last sample succeeded
+/// (NVML loaded and answered); the GPUs are that sample's, none otherwise. The age counts from
+/// the last successful sample, wall-clock so that time spent suspended counts too.
+pub fn report(snapshot: &Snapshot<GpuSample>, now: SystemTime) -> GpuReport {
+    let sample_age_s = snapshot
+        .status
+        .and_then(|s| s.last_success)
+        .map(|at| now.duration_since(at).unwrap_or_default().as_secs_f64());
+    GpuReport {
+        nvml_up: snapshot.sample.is_some(),
+        sample_age_s,
+        gpus: snapshot
+            .sample
+            .as_deref()
+            .map(GpuSample::states)
+            .unwrap_or_default(),
     }
 }
 
