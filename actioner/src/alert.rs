@@ -78,8 +78,18 @@ impl AlertStatus {
 
 /// Limits on what one webhook may carry, against hostile or broken senders.
 pub const MAX_ALERTS: usize = 1000;
-/// Longest label or annotation value accepted.
+/// Longest label or annotation (name and value together) accepted.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+/// Longest fingerprint accepted (Alertmanager sends 16 hex digits).
+pub const MAX_FINGERPRINT_BYTES: usize = 128;
+/// Longest timestamp accepted (RFC 3339 with nanoseconds and an offset is 35).
+pub const MAX_TIMESTAMP_BYTES: usize = 64;
+/// Longest URL accepted (`externalURL`, `generatorURL`).
+pub const MAX_URL_BYTES: usize = 4096;
+/// Longest receiver name or group status accepted.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest group key accepted (the route's matchers and the group's labels).
+pub const MAX_GROUP_KEY_BYTES: usize = 16 * 1024;
 
 /// Why a payload is refused (answered with 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,12 +105,25 @@ pub enum PayloadError {
     TooLarge(String),
 }
 
-/// Parses and checks a webhook body.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), PayloadError> {
+    if value.len() > max {
+        return Err(PayloadError::TooLarge(format!(
+            "{field} is {} bytes long, at most {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Parses and checks a webhook body: every string has a bound, every alert a fingerprint and
+/// a start time that parses.
 pub fn parse_payload(body: &[u8]) -> Result<WebhookPayload, PayloadError> {
     let payload: WebhookPayload =
         serde_json::from_slice(body).map_err(|e| PayloadError::Malformed(e.to_string()))?;
     if payload.version != "4" {
-        return Err(PayloadError::Version(payload.version));
+        return Err(PayloadError::Version(
+            payload.version.chars().take(16).collect(),
+        ));
     }
     if payload.alerts.len() > MAX_ALERTS {
         return Err(PayloadError::TooLarge(format!(
@@ -108,6 +131,10 @@ pub fn parse_payload(body: &[u8]) -> Result<WebhookPayload, PayloadError> {
             payload.alerts.len()
         )));
     }
+    bounded("groupKey", &payload.group_key, MAX_GROUP_KEY_BYTES)?;
+    bounded("status", &payload.status, MAX_NAME_BYTES)?;
+    bounded("receiver", &payload.receiver, MAX_NAME_BYTES)?;
+    bounded("externalURL", &payload.external_url, MAX_URL_BYTES)?;
     for alert in &payload.alerts {
         let too_long = alert
             .labels
@@ -115,6 +142,7 @@ pub fn parse_payload(body: &[u8]) -> Result<WebhookPayload, PayloadError> {
             .chain(&alert.annotations)
             .find(|(k, v)| k.len() + v.len() > MAX_VALUE_BYTES);
         if let Some((key, _)) = too_long {
+            let key: String = key.chars().take(64).collect();
             return Err(PayloadError::TooLarge(format!(
                 "label or annotation {key:?} longer than {MAX_VALUE_BYTES} bytes"
             )));
@@ -124,8 +152,58 @@ pub fn parse_payload(body: &[u8]) -> Result<WebhookPayload, PayloadError> {
                 "an alert without fingerprint or startsAt".into(),
             ));
         }
+        bounded("fingerprint", &alert.fingerprint, MAX_FINGERPRINT_BYTES)?;
+        bounded("startsAt", &alert.starts_at, MAX_TIMESTAMP_BYTES)?;
+        bounded("endsAt", &alert.ends_at, MAX_TIMESTAMP_BYTES)?;
+        bounded("generatorURL", &alert.generator_url, MAX_URL_BYTES)?;
+        if alert.started().is_none() {
+            return Err(PayloadError::Malformed(format!(
+                "startsAt {:?} is not an RFC 3339 time",
+                alert.starts_at
+            )));
+        }
     }
     Ok(payload)
+}
+
+/// `match` and `match_re` of a rule or a button offer, compiled: an alert matches when each
+/// `match` label has that value and each `match_re` label matches its anchored regex (a
+/// missing label is the empty string, as in Alertmanager).
+#[derive(Debug)]
+pub struct LabelMatcher {
+    equal: Vec<(String, String)>,
+    regex: Vec<(String, regex::Regex)>,
+}
+
+impl LabelMatcher {
+    /// Compiles `match_re` (validated by check-config: the regexes compile).
+    pub fn new(
+        equal: &BTreeMap<String, String>,
+        regex: &BTreeMap<String, String>,
+    ) -> Result<Self, regex::Error> {
+        Ok(Self {
+            equal: equal.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            regex: regex
+                .iter()
+                .map(|(label, pattern)| Ok((label.clone(), regex::Regex::new(&anchored(pattern))?)))
+                .collect::<Result<_, regex::Error>>()?,
+        })
+    }
+
+    /// Whether `alert`'s own labels match.
+    pub fn matches(&self, alert: &Alert) -> bool {
+        let value = |label: &str| alert.labels.get(label).map_or("", String::as_str);
+        self.equal.iter().all(|(label, want)| value(label) == want)
+            && self
+                .regex
+                .iter()
+                .all(|(label, re)| re.is_match(value(label)))
+    }
+}
+
+/// A `match_re` value anchored at both ends, as Alertmanager reads it.
+pub fn anchored(pattern: &str) -> String {
+    format!("^(?:{pattern})$")
 }
 
 impl Alert {
@@ -152,6 +230,22 @@ impl Alert {
             }
             _ => instance.clone(),
         })
+    }
+
+    /// Roughly how many bytes it holds (labels, annotations, strings).
+    pub fn size_bytes(&self) -> usize {
+        let strings = self
+            .labels
+            .iter()
+            .chain(&self.annotations)
+            .map(|(k, v)| k.len() + v.len() + 64)
+            .sum::<usize>();
+        strings
+            + self.starts_at.len()
+            + self.ends_at.len()
+            + self.generator_url.len()
+            + self.fingerprint.len()
+            + 256
     }
 
     /// When it started, when Alertmanager's timestamp parses.
@@ -286,6 +380,27 @@ mod tests {
         assert!(matches!(
             parse_payload(huge.as_bytes()),
             Err(PayloadError::TooLarge(_))
+        ));
+        let long_fingerprint = format!(
+            r#"{{"version":"4","alerts":[{{"status":"firing","labels":{{}},"startsAt":"2026-11-22T21:00:00Z","fingerprint":"{}"}}]}}"#,
+            "f".repeat(MAX_FINGERPRINT_BYTES + 1)
+        );
+        assert!(matches!(
+            parse_payload(long_fingerprint.as_bytes()),
+            Err(PayloadError::TooLarge(_))
+        ));
+        let long_url = format!(
+            r#"{{"version":"4","externalURL":"http://{}","alerts":[]}}"#,
+            "a".repeat(MAX_URL_BYTES)
+        );
+        assert!(matches!(
+            parse_payload(long_url.as_bytes()),
+            Err(PayloadError::TooLarge(_))
+        ));
+        let not_a_time = br#"{"version":"4","alerts":[{"status":"firing","labels":{},"startsAt":"soon","fingerprint":"f"}]}"#;
+        assert!(matches!(
+            parse_payload(not_a_time),
+            Err(PayloadError::Malformed(_))
         ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(

@@ -1,6 +1,12 @@
-//! The executor: runs planned jobs off the request path. One job per target at a time, a
-//! bounded number per action at a time, each under its action's timeout; "started" is on disk
-//! before an action acts, and its end is journaled whatever it is.
+//! The executor: runs planned jobs off the request path, each under its action's timeout, a
+//! bounded number per action at once; "started" is on disk before an action acts, and its end
+//! is journaled whatever it is.
+//!
+//! Runs that must not overlap share a lane and run one after the other, in the order they
+//! were planned: runs of one action on one target, and failover and failback together (both
+//! move the one inference backend). A failback planned while a failover still waits for
+//! Ollama runs after it, and decides against the state it left. Lanes exist only while they
+//! have work; no state is kept per target once its runs are done.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,42 +15,35 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::actions::{ActionError, Actions, Job};
-use crate::config::ActionKind;
-use crate::journal::{AlertRef, Event, JournalEntry};
-use crate::metrics::{ActionLabel, Metrics};
-use crate::recorder::{Outcome, Queued, Recorder};
-use crate::rules::SkipReason;
+use crate::actions::{ActionError, Actions, Job, RunContext};
+use crate::journal::{Event, JournalEntry};
+use crate::metrics::Metrics;
+use crate::planner::{Outcome, Queued};
+use crate::recorder::Recorder;
+use crate::vocab::{ActionKind, AwakeStamp, Reason, Skip};
 
-/// Capacity of the action queue; past it webhooks are answered 503.
+/// Jobs planned and not ended, at most; past it webhooks are answered 503.
 pub const QUEUE: usize = 1024;
 
-fn entry(event: Event, job: &Job, detail: Option<String>) -> JournalEntry {
-    JournalEntry {
-        key: Some(job.key.clone()),
-        rule: Some(job.plan.rule.clone()),
-        action: Some(job.plan.action),
-        target: job.plan.target.clone(),
-        alert: job.alert.as_ref().map(AlertRef::from),
-        dry_run: job.plan.dry_run,
-        detail,
-        ..JournalEntry::new(event)
+/// The lane a job runs in, if it must not overlap others.
+fn lane_of(job: &Job) -> Option<String> {
+    let action = job.plan.action;
+    if action.moves_backend() {
+        Some("inference-backend".into())
+    } else if action.takes_target() {
+        job.plan.target.as_ref().map(|t| format!("{action}/{t}"))
+    } else {
+        None
     }
 }
 
-/// Per-target locks: jobs on one target run one after the other.
-#[derive(Debug, Default)]
-struct TargetLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl TargetLocks {
-    fn get(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(target.to_owned())
-            .or_default()
-            .clone()
-    }
+/// What every run needs.
+struct Shared {
+    actions: Actions,
+    limits: HashMap<ActionKind, Arc<Semaphore>>,
+    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+    recorder: Recorder,
+    metrics: Metrics,
 }
 
 /// Starts the executor on the receiving end of the recorder's job queue.
@@ -52,137 +51,190 @@ pub fn spawn(
     actions: Actions,
     recorder: Recorder,
     metrics: Metrics,
-    mut jobs: mpsc::Receiver<Queued>,
+    mut jobs: mpsc::UnboundedReceiver<Queued>,
 ) -> JoinHandle<()> {
-    let limits: HashMap<ActionKind, Arc<Semaphore>> = actions
+    let limits = actions
         .iter()
         .map(|(kind, action)| (*kind, Arc::new(Semaphore::new(action.concurrency().max(1)))))
         .collect();
-    let actions = Arc::new(actions);
-    let limits = Arc::new(limits);
-    let locks = Arc::new(TargetLocks::default());
+    let shared = Arc::new(Shared {
+        actions,
+        limits,
+        lanes: Mutex::default(),
+        recorder,
+        metrics,
+    });
     tokio::spawn(async move {
         while let Some(queued) = jobs.recv().await {
-            let (actions, limits, locks, recorder, metrics) = (
-                actions.clone(),
-                limits.clone(),
-                locks.clone(),
-                recorder.clone(),
-                metrics.clone(),
-            );
-            tokio::spawn(async move {
-                let outcome = run(queued.job, &actions, &limits, &locks, &recorder, &metrics).await;
-                if let Some(tx) = queued.outcome {
-                    let _ = tx.send(outcome);
+            match lane_of(&queued.job) {
+                None => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { shared.run(queued).await });
                 }
-            });
+                Some(lane) => shared.clone().enqueue(lane, queued),
+            }
         }
     })
 }
 
-async fn run(
-    job: Job,
-    actions: &Actions,
-    limits: &HashMap<ActionKind, Arc<Semaphore>>,
-    locks: &TargetLocks,
-    recorder: &Recorder,
-    metrics: &Metrics,
-) -> Outcome {
-    let kind = job.plan.action;
-    let name = kind.name();
-    let (Some(action), Some(limit)) = (actions.get(&kind), limits.get(&kind)) else {
-        let why = format!("the {name} action is not available in this build or config");
-        metrics.count(name, "failed");
-        let _ = recorder
-            .record(vec![entry(Event::Failed, &job, Some(why.clone()))])
-            .await;
-        return Outcome::Failed(why);
-    };
-    let lock = job
-        .plan
-        .target
-        .as_deref()
-        .map(|t| locks.get(&format!("{name}/{t}")));
-    let _serial = match &lock {
-        Some(lock) => Some(lock.lock().await),
-        None => None,
-    };
-    let Ok(_slot) = limit.acquire().await else {
-        return Outcome::Failed("shutting down".into());
-    };
+impl Shared {
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Queued>>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
-    if job.plan.dry_run {
-        let what = action.describe(&job);
-        metrics.count(name, "dry_run");
-        let _ = recorder
-            .record(vec![entry(
-                Event::Skipped,
-                &job,
-                Some(format!("dry-run: {what}")),
-            )])
-            .await;
-        return Outcome::DryRun(what);
+    /// Queues `queued` behind the runs of its lane, starting the lane if it is idle.
+    fn enqueue(self: Arc<Self>, lane: String, queued: Queued) {
+        let mut lanes = self.lanes();
+        let queued = match lanes.get(&lane) {
+            Some(tx) => match tx.send(queued) {
+                Ok(()) => return,
+                Err(returned) => returned.0,
+            },
+            None => queued,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(queued);
+        lanes.insert(lane.clone(), tx);
+        drop(lanes);
+        tokio::spawn(self.clone().drain(lane, rx));
     }
-    // On disk before anything is done: a crash from here on shows as interrupted, not retried.
-    if let Err(err) = recorder
-        .record(vec![entry(Event::Started, &job, None)])
-        .await
-    {
-        metrics.count(name, "failed");
-        return Outcome::Failed(format!("not started: {err}"));
-    }
-    let started = Instant::now();
-    let result = tokio::time::timeout(action.timeout(), action.run(&job)).await;
-    let elapsed = started.elapsed();
-    let (event, result_label, outcome) = match result {
-        Ok(Ok(done)) => (Event::Succeeded, "ok", Outcome::Succeeded(done)),
-        Ok(Err(ActionError::ConditionGone(why))) => (
-            Event::Skipped,
-            "skipped",
-            Outcome::Skipped(SkipReason::ConditionGone(why).to_string()),
-        ),
-        Ok(Err(ActionError::Failed(why))) => (Event::Failed, "failed", Outcome::Failed(why)),
-        Err(_) => (
-            Event::Failed,
-            "failed",
-            Outcome::Failed(format!("timed out after {:?}", action.timeout())),
-        ),
-    };
-    let detail = match &outcome {
-        Outcome::Succeeded(d) | Outcome::Failed(d) | Outcome::Skipped(d) | Outcome::DryRun(d) => {
-            d.clone()
+
+    /// Runs a lane's jobs one by one; retires the lane when it is empty.
+    async fn drain(self: Arc<Self>, lane: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        loop {
+            let next = match rx.try_recv() {
+                Ok(queued) => Some(queued),
+                Err(_) => {
+                    // Jobs are queued under this lock: empty now means empty for good.
+                    let mut lanes = self.lanes();
+                    match rx.try_recv() {
+                        Ok(queued) => Some(queued),
+                        Err(_) => {
+                            lanes.remove(&lane);
+                            None
+                        }
+                    }
+                }
+            };
+            let Some(queued) = next else { return };
+            self.run(queued).await;
         }
-    };
-    if event == Event::Failed {
-        tracing::warn!(action = name, key = %job.key, error = %detail, "action failed");
     }
-    if let Err(err) = recorder
-        .record(vec![entry(event, &job, Some(detail))])
-        .await
-    {
-        tracing::error!(action = name, key = %job.key, %err, "could not journal the end of an action");
+
+    async fn run(&self, queued: Queued) {
+        let Queued {
+            job,
+            outcome: reply,
+            budget,
+        } = queued;
+        let outcome = self.execute(&job).await;
+        drop(budget);
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
     }
-    metrics.count(name, result_label);
-    if kind == ActionKind::Repair && matches!(event, Event::Succeeded | Event::Skipped) {
-        metrics.clear_repair_exhausted(job.plan.target.as_deref().unwrap_or_default());
+
+    async fn execute(&self, job: &Job) -> Outcome {
+        let kind = job.plan.action;
+        let entry = |event| JournalEntry {
+            key: Some(job.key.clone()),
+            rule: Some(job.plan.rule.clone()),
+            action: Some(kind),
+            target: job.plan.target.clone(),
+            alert: job.alert_ref.clone(),
+            dry_run: job.plan.dry_run,
+            force: job.force,
+            ..JournalEntry::new(event)
+        };
+        let (Some(action), Some(limit)) = (self.actions.get(&kind), self.limits.get(&kind)) else {
+            let why = format!("the {kind} action is not available in this config");
+            self.metrics.count(kind, "failed");
+            let failed = JournalEntry {
+                reason: Some(Reason::Unavailable),
+                ..entry(Event::Failed).with_detail(&why)
+            };
+            let _ = self.recorder.record(vec![failed]).await;
+            return Outcome::Failed(why);
+        };
+        let Ok(_slot) = limit.acquire().await else {
+            return Outcome::Failed("shutting down".into());
+        };
+        if job.plan.dry_run {
+            let what = action.describe(job);
+            self.metrics.count(kind, "dry_run");
+            let skip = Skip::DryRun(what.clone());
+            let _ = self
+                .recorder
+                .record(vec![entry(Event::Skipped).because(&skip)])
+                .await;
+            return Outcome::DryRun(what);
+        }
+        // What the ledger knew before this run began (a suspend's grace counts from the
+        // previous one, not from itself).
+        let context = RunContext {
+            last_suspend: self.recorder.snapshot().last_suspend.clone(),
+        };
+        // On disk before anything is done: a crash from here on shows as interrupted, not retried.
+        let started_entry = JournalEntry {
+            awake: Some(AwakeStamp::now()),
+            ..entry(Event::Started)
+        };
+        if let Err(err) = self.recorder.record(vec![started_entry]).await {
+            self.metrics.count(kind, "failed");
+            return Outcome::Failed(format!("not started: {err}"));
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(action.timeout(), action.run(job, &context)).await;
+        let elapsed = started.elapsed();
+        let (end, result_label, outcome) = match result {
+            Ok(Ok(done)) => (
+                entry(Event::Succeeded).with_detail(&done),
+                "ok",
+                Outcome::Succeeded(done),
+            ),
+            Ok(Err(ActionError::ConditionGone(why))) => {
+                let skip = Skip::ConditionGone(why);
+                (
+                    entry(Event::Skipped).because(&skip),
+                    "skipped",
+                    Outcome::Skipped(skip.to_string()),
+                )
+            }
+            Ok(Err(ActionError::Failed(why))) => (
+                JournalEntry {
+                    reason: Some(Reason::Error),
+                    ..entry(Event::Failed).with_detail(&why)
+                },
+                "failed",
+                Outcome::Failed(why),
+            ),
+            Err(_) => {
+                let why = format!("timed out after {:?}", action.timeout());
+                (
+                    JournalEntry {
+                        reason: Some(Reason::TimedOut),
+                        ..entry(Event::Failed).with_detail(&why)
+                    },
+                    "failed",
+                    Outcome::Failed(why),
+                )
+            }
+        };
+        if end.event == Event::Failed {
+            tracing::warn!(action = %kind, key = %job.key, error = end.detail.as_deref().unwrap_or_default(), "action failed");
+        }
+        if let Err(err) = self.recorder.record(vec![end]).await {
+            tracing::error!(action = %kind, key = %job.key, %err, "could not journal the end of an action");
+        }
+        self.metrics.count(kind, result_label);
+        self.metrics.observe_duration(kind, elapsed);
+        if let Some(since) = job.alert.as_ref().and_then(|a| a.started())
+            && let Ok(age) = SystemTime::now().duration_since(since)
+        {
+            self.metrics.observe_alert_to_action(kind, age);
+        }
+        outcome
     }
-    if event == Event::Succeeded && matches!(kind, ActionKind::Failover | ActionKind::Failback) {
-        metrics.set_backend(kind == ActionKind::Failover);
-    }
-    let label = ActionLabel {
-        action: name.to_owned(),
-    };
-    metrics
-        .action_duration
-        .get_or_create(&label)
-        .observe(elapsed.as_secs_f64());
-    if let Some(since) = job.alert.as_ref().and_then(|a| a.started())
-        && let Ok(age) = SystemTime::now().duration_since(since)
-    {
-        metrics
-            .alert_to_action
-            .get_or_create(&label)
-            .observe(age.as_secs_f64());
-    }
-    outcome
 }

@@ -1,45 +1,48 @@
 //! The HTTP surface. Handlers authenticate, parse and hand decisions to the recorder; they
-//! never run an action themselves.
+//! never run an action themselves. Reads (`/api/v1/state`, `/api/v1/actions`, `/metrics`)
+//! come from the ledger's latest snapshot and never wait behind decisions.
 //!
 //! | method, path | auth |
 //! |---|---|
 //! | `GET /`, `/healthz`, `/metrics` | none |
 //! | `POST /api/v1/alerts` (Alertmanager webhook v4) | bearer or Basic |
-//! | `POST /api/v1/wake` | the relay key in the body, or bearer/Basic |
+//! | `POST /api/v1/wake` | the relay key in the body, or bearer/Basic; rate-limited per client |
 //! | `POST /api/v1/buttons/{token}` (notification buttons) | the token's signature |
-//! | `GET /api/v1/actions?limit=N`, `POST /api/v1/actions/{action}` | bearer or Basic |
+//! | `GET /api/v1/actions?limit=N&before=SEQ`, `POST /api/v1/actions/{action}` | bearer or Basic |
 //! | `GET /api/v1/state`, `POST /api/v1/pause`, `POST /api/v1/resume` | bearer or Basic |
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::actions::RawWake;
+use crate::actions::notify::buttons::{ButtonError, Buttons};
+use crate::actions::wake::RelayDestinations;
 use crate::alert::parse_payload;
 use crate::auth::Auth;
-use crate::buttons::{ButtonError, Buttons};
-use crate::config::{ActionKind, MacAddress};
+use crate::ledger::RECENT_CAPACITY;
 use crate::metrics::{CodeLabel, Metrics};
-use crate::recorder::{
-    ManualError, ManualRequest, Once, Outcome, RecordError, Recorder, WAKE_RELAY,
-};
-
-/// The content type of the OpenMetrics text format.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::planner::{ManualRequest, Outcome};
+use crate::policy::{Once, Request as RunRequest};
+use crate::recorder::{RecordError, Recorder, Refusal};
+use crate::throttle::Throttle;
+use crate::vocab::{ActionKind, MacAddress, Origin, Reason};
 
 /// Longest a webhook waits for its decision to be on disk.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +52,15 @@ const MANUAL_WAIT: Duration = Duration::from_secs(60);
 /// report a failure for an action that runs on.
 const BUTTON_WAIT: Duration = Duration::from_secs(10);
 
+/// The wake relay's own gate: where it may send, how often each client may ask.
+#[derive(Debug)]
+pub struct RelayGate {
+    /// Where explicit MACs may be woken.
+    pub destinations: RelayDestinations,
+    /// Requests per client and in all.
+    pub throttle: Throttle,
+}
+
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -57,17 +69,27 @@ pub struct AppState {
     auth: Arc<Auth>,
     max_body_bytes: usize,
     buttons: Option<Arc<Buttons>>,
+    relay: Arc<RelayGate>,
+    last_len: Arc<AtomicUsize>,
 }
 
 impl AppState {
     /// Serves `metrics`, decides through `recorder`, admits who `auth` allows.
-    pub fn new(metrics: Metrics, recorder: Recorder, auth: Auth, max_body_bytes: usize) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        recorder: Recorder,
+        auth: Auth,
+        max_body_bytes: usize,
+        relay: RelayGate,
+    ) -> Self {
         Self {
             metrics,
             recorder,
             auth: Arc::new(auth),
             max_body_bytes,
             buttons: None,
+            relay: Arc::new(relay),
+            last_len: Arc::new(AtomicUsize::new(4096)),
         }
     }
 
@@ -93,6 +115,8 @@ pub enum ApiError {
     Conflict(String),
     /// 415.
     UnsupportedMediaType,
+    /// 429, with `Retry-After`.
+    TooManyRequests(Duration),
     /// 500.
     Internal(String),
     /// 503.
@@ -110,15 +134,14 @@ impl From<RecordError> for ApiError {
     }
 }
 
-impl From<ManualError> for ApiError {
-    fn from(err: ManualError) -> Self {
+impl From<Refusal> for ApiError {
+    fn from(err: Refusal) -> Self {
         match err {
-            ManualError::Paused
-            | ManualError::Cooldown(_)
-            | ManualError::AlreadyDone
-            | ManualError::Resolved => ApiError::Conflict(err.to_string()),
-            ManualError::BadTarget(why) => ApiError::BadRequest(why),
-            ManualError::Record(e) => e.into(),
+            Refusal::Policy(skip) => match skip.reason() {
+                Reason::NotAllowlisted | Reason::NoTarget => ApiError::BadRequest(skip.to_string()),
+                _ => ApiError::Conflict(skip.to_string()),
+            },
+            Refusal::Record(e) => e.into(),
         }
     }
 }
@@ -146,6 +169,18 @@ impl IntoResponse for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "expected Content-Type: application/json".to_owned(),
             ),
+            ApiError::TooManyRequests(wait) => {
+                let secs = wait.as_secs().max(1);
+                let body = axum::Json(serde_json::json!({
+                    "error": format!("too many wake requests; try again in {secs}s")
+                }));
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, HeaderValue::from(secs))],
+                    body,
+                )
+                    .into_response();
+            }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, m)
@@ -184,7 +219,7 @@ pub fn app(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(64 * 1024));
     Router::new()
         .route("/", get(landing))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(api)
         .merge(alerts)
@@ -231,6 +266,15 @@ async fn count_webhooks(State(state): State<AppState>, request: Request, next: N
     response
 }
 
+/// `200 ok` while decisions can be made and journaled; `503` with what stops them (the
+/// journal cannot be written, the recorder or the executor stopped).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.recorder.health() {
+        Ok(()) => "ok".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -257,21 +301,43 @@ async fn receive_alerts(
     Ok(axum::Json(serde_json::json!({"status": "ok", "received": receipt.received, "planned": receipt.planned})).into_response())
 }
 
+/// The client's address, where the server knows it (not through `oneshot` in tests).
+#[derive(Debug, Clone, Copy)]
+struct ClientAddress(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_canonical()),
+        ))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WakeRequest {
     target: Option<String>,
     mac: Option<String>,
-    broadcast: Option<String>,
+    broadcast: Option<IpAddr>,
     port: Option<u16>,
     key: Option<String>,
 }
 
 async fn wake_relay(
     State(state): State<AppState>,
+    ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if let Err(wait) = state.relay.throttle.admit(client, Instant::now()) {
+        state.metrics.relay_refused("rate_limited");
+        return Err(ApiError::TooManyRequests(wait));
+    }
     let request: WakeRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed wake request: {e}")))?;
     let by_key = request
@@ -281,45 +347,39 @@ async fn wake_relay(
     if !by_key && !state.auth.allows(&headers) {
         return Err(ApiError::Forbidden("wrong or missing key".into()));
     }
-    let manual = match (&request.target, &request.mac) {
-        (Some(target), None) => ManualRequest {
+    let run = |target, raw_wake: Option<RawWake>| ManualRequest {
+        request: RunRequest {
             action: ActionKind::Wake,
-            target: Some(target.clone()),
-            raw_wake: None,
+            target,
+            raw_wake: raw_wake.is_some(),
             dry_run: false,
-            source: WAKE_RELAY,
+            origin: Origin::Relay,
             once: None,
         },
+        raw_wake,
+        force: false,
+    };
+    let manual = match (&request.target, &request.mac) {
+        (Some(target), None) => run(Some(target.clone()), None),
         (None, Some(mac)) => {
-            let mac: MacAddress = mac.parse().map_err(ApiError::BadRequest)?;
-            let broadcast: IpAddr = request
-                .broadcast
-                .as_deref()
-                .unwrap_or("255.255.255.255")
+            let mac: MacAddress = mac
                 .parse()
-                .map_err(|_| {
-                    ApiError::BadRequest(format!(
-                        "invalid broadcast address {:?}",
-                        request.broadcast
-                    ))
-                })?;
+                .map_err(|e: crate::vocab::InvalidMac| ApiError::BadRequest(e.to_string()))?;
+            let broadcast = request
+                .broadcast
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::BROADCAST));
             let port = request.port.unwrap_or(9);
-            if port == 0 {
-                return Err(ApiError::BadRequest("port must be 1..65535".into()));
+            if let Err(why) = state.relay.destinations.check(broadcast, port) {
+                state.metrics.relay_refused("destination");
+                return Err(ApiError::BadRequest(why));
             }
-            ManualRequest {
-                action: ActionKind::Wake,
-                target: None,
-                raw_wake: Some(RawWake {
-                    mac,
-                    broadcast,
-                    port,
-                    secureon: None,
-                }),
-                dry_run: false,
-                source: WAKE_RELAY,
-                once: None,
-            }
+            let raw = RawWake {
+                mac,
+                broadcast,
+                port,
+                secureon: None,
+            };
+            run(None, Some(raw))
         }
         _ => {
             return Err(ApiError::BadRequest(
@@ -345,6 +405,9 @@ struct TriggerRequest {
     target: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// Failback only: skip the GPU check.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn trigger(
@@ -360,15 +423,24 @@ async fn trigger(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("malformed request: {e}")))?
     };
+    if request.force && kind != ActionKind::Failback {
+        return Err(ApiError::BadRequest(
+            "\"force\" is for failback only: it skips the check that the GPU is free".into(),
+        ));
+    }
     let outcome = state
         .recorder
         .manual(ManualRequest {
-            action: kind,
-            target: request.target,
+            request: RunRequest {
+                action: kind,
+                target: request.target,
+                raw_wake: false,
+                dry_run: request.dry_run,
+                origin: Origin::Api,
+                once: None,
+            },
             raw_wake: None,
-            dry_run: request.dry_run,
-            source: "api",
-            once: None,
+            force: request.force,
         })
         .await?;
     answer_outcome(outcome, MANUAL_WAIT, |_| StatusCode::OK).await
@@ -407,20 +479,24 @@ async fn press_button(
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("buttons are not configured".into()))?;
     let press = buttons
-        .verify(&token, std::time::SystemTime::now())
+        .verify(&token, SystemTime::now())
         .map_err(|err: ButtonError| ApiError::Forbidden(err.to_string()))?;
     let outcome = state
         .recorder
         .manual(ManualRequest {
-            action: press.action,
-            target: press.target,
+            request: RunRequest {
+                action: press.action,
+                target: press.target,
+                raw_wake: false,
+                dry_run: false,
+                origin: Origin::Button,
+                once: Some(Once {
+                    key: press.key,
+                    firing: press.firing,
+                }),
+            },
             raw_wake: None,
-            dry_run: false,
-            source: "button",
-            once: Some(Once {
-                key: press.key,
-                firing: press.firing,
-            }),
+            force: false,
         })
         .await?;
     answer_outcome(outcome, BUTTON_WAIT, |outcome| match outcome {
@@ -432,23 +508,61 @@ async fn press_button(
 }
 
 #[derive(Debug, Deserialize)]
-struct Limit {
+struct Page {
     limit: Option<usize>,
+    /// Only entries with a smaller `seq`: the next page after one ending at `before`.
+    before: Option<u64>,
 }
 
+/// The journal tail, newest first: at most `limit` (default 50, at most 1000) entries, older
+/// than `before` when given. It pages through the entries kept in memory (the newest 1000).
 async fn list_actions(
     State(state): State<AppState>,
-    Query(limit): Query<Limit>,
+    Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let limit = limit
-        .limit
-        .unwrap_or(50)
-        .clamp(1, crate::recorder::RECENT_CAPACITY);
-    Ok(axum::Json(state.recorder.recent(limit).await?).into_response())
+    let limit = page.limit.unwrap_or(50).clamp(1, RECENT_CAPACITY);
+    let snapshot = state.recorder.snapshot();
+    let entries: Vec<_> = snapshot
+        .recent
+        .iter()
+        .rev()
+        .filter(|e| page.before.is_none_or(|before| e.seq < before))
+        .take(limit)
+        .map(|e| &**e)
+        .collect();
+    Ok(axum::Json(entries).into_response())
+}
+
+/// `GET /api/v1/state`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateView {
+    /// `primary` or `fallback`.
+    pub inference_backend: &'static str,
+    /// When it became so (RFC 3339), if ever.
+    pub since: Option<String>,
+    /// Whether automatic actions are paused.
+    pub paused: bool,
+    /// Seconds left per `rule/target` in cooldown.
+    pub cooldowns: HashMap<String, u64>,
 }
 
 async fn show_state(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(axum::Json(state.recorder.state().await?).into_response())
+    let snapshot = state.recorder.snapshot();
+    let now = SystemTime::now();
+    let view = StateView {
+        inference_backend: snapshot.backend.as_str(),
+        since: snapshot.backend_since.map(|t| t.to_string()),
+        paused: snapshot.paused,
+        cooldowns: snapshot
+            .cooldowns
+            .iter()
+            .filter_map(|(key, until)| {
+                let left = until.duration_since(now).ok()?;
+                Some((key.clone(), left.as_secs().max(1)))
+            })
+            .collect(),
+    };
+    Ok(axum::Json(view).into_response())
 }
 
 async fn pause(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -474,15 +588,5 @@ async fn landing() -> Html<String> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut body = String::new();
-    if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &state.metrics.registry)
-    {
-        tracing::error!(%err, "encoding metrics failed");
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "encoding metrics failed\n",
-        )
-            .into_response();
-    }
-    ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
+    aistack_common::http::metrics_response(&state.metrics.registry, &state.last_len)
 }

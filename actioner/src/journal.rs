@@ -1,22 +1,46 @@
-//! The journal: every decision the actioner makes, as JSON lines appended to
-//! `<state_dir>/journal.jsonl`, flushed to disk (fsync) before the webhook is answered or an
-//! action starts.
+//! The journal: every decision the actioner makes, as JSON lines in `<state_dir>`, synced to
+//! disk (fsync) before the webhook is answered or an action starts. It is read back at start
+//! (streamed into the ledger, one line at a time), so a restart knows which firings already
+//! ran, what was interrupted, whether the actioner is paused and which backend serves.
 //!
-//! It is read back at start, so a restart knows which alert firings already ran which rule,
-//! what was interrupted, whether the actioner is paused, and which inference backend is active.
-//! When the file passes `max_bytes` it is renamed to `journal.1.jsonl` (older ones shift up to
-//! `journal.<keep>.jsonl`, the oldest is dropped) and a new one begins; rotation happens only
-//! between whole, synced batches, so no entry is ever split or lost in it.
+//! Entries are typed: a skipped, refused or failed entry carries a `reason` tag and its data
+//! (`left_s`, `attempts`, `window_s`) as fields; `detail` is for people and is never read back.
+//! Entries written by release 0.1.0, which said why only in `detail`, get their tag from that
+//! release's frozen wording when read ([`upgrade_0_1_0`]).
+//!
+//! Files: `journal.jsonl` is the one being written. Past `max_bytes` it is archived as
+//! `journal-<first seq>.jsonl` and a new `journal.jsonl` begins with a checkpoint of the
+//! ledger, so that dropping the oldest archives (past `keep`) never loses what a restart needs:
+//! the once-only keys of firings still being re-sent, open runs, pause, backend, cooldowns.
+//! Rotation never leaves the journal without its current file: the new file is written and
+//! synced first, then the current one is hard-linked to its archive name and the new one
+//! renamed over it. Any failure on the way leaves the current file in place and is retried
+//! at the next batch. 0.1.0's `journal.<n>.jsonl` files are read first and aged out like
+//! archives.
+//!
+//! A write that fails (`ENOSPC`, `EIO`, `EMFILE`) answers an error, so nothing acts and
+//! Alertmanager retries; the file is cut back to its last synced length and reopened before
+//! the next batch, and the failure is reported until a write succeeds. Lines that cannot be
+//! read back — torn by a crash, invalid UTF-8, longer than [`MAX_LINE_BYTES`], or repeating an
+//! earlier sequence number — are skipped and counted, never a reason not to start.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{Alert, AlertStatus};
-use crate::config::ActionKind;
+use crate::vocab::{ActionKind, AwakeStamp, Backend, Plan, Reason, RunKey, Skip, Timestamp};
+
+/// Longest line read back; longer ones are skipped (no entry is written that long).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Longest `detail` written; longer text is cut.
+pub const MAX_DETAIL_BYTES: usize = 2048;
+/// Longest alert name written (it is a label value, and only for people).
+pub const MAX_ALERT_NAME_BYTES: usize = 256;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -24,55 +48,48 @@ use crate::config::ActionKind;
 pub enum Event {
     /// An alert arrived.
     Received,
-    /// A rule will act.
+    /// A rule (or a person) will act.
     Planned,
-    /// A rule will not act (`detail` says why).
+    /// It will not act (`reason` says why).
     Skipped,
     /// An action began.
     Started,
     /// It worked.
     Succeeded,
-    /// It did not (`detail` says why).
+    /// It did not (`reason` says how).
     Failed,
     /// Automatic actions were paused.
     Paused,
     /// ... and resumed.
     Resumed,
-}
-
-impl Event {
-    /// The name in the journal.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Received => "received",
-            Self::Planned => "planned",
-            Self::Skipped => "skipped",
-            Self::Started => "started",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Paused => "paused",
-            Self::Resumed => "resumed",
-        }
-    }
+    /// The ledger as it stood at a rotation, in parts.
+    Checkpoint,
 }
 
 /// Which alert an entry is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertRef {
-    /// `alertname`.
+    /// `alertname` (cut to [`MAX_ALERT_NAME_BYTES`]).
     pub name: String,
     /// Alertmanager's fingerprint.
     pub fingerprint: String,
     /// `firing` or `resolved`.
     pub status: AlertStatus,
-    /// When it started firing.
+    /// When it started firing, as Alertmanager wrote it.
     pub starts_at: String,
+}
+
+impl AlertRef {
+    /// `<fingerprint>@<startsAt>`: one firing of one alert.
+    pub fn firing(&self) -> String {
+        format!("{}@{}", self.fingerprint, self.starts_at)
+    }
 }
 
 impl From<&Alert> for AlertRef {
     fn from(alert: &Alert) -> Self {
         Self {
-            name: alert.name().to_owned(),
+            name: cut(alert.name(), MAX_ALERT_NAME_BYTES).to_owned(),
             fingerprint: alert.fingerprint.clone(),
             status: alert.status,
             starts_at: alert.starts_at.clone(),
@@ -80,26 +97,127 @@ impl From<&Alert> for AlertRef {
     }
 }
 
+/// A 64-bit digest of a run key or a firing (the first 8 bytes of its SHA-256): what the
+/// ledger remembers instead of the key, and what a checkpoint carries. Stable across builds
+/// and releases, unlike `std`'s hasher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub u64);
+
+impl KeyHash {
+    /// The digest of `text`.
+    pub fn of(text: &str) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        Self(u64::from_be_bytes(first))
+    }
+}
+
+impl Serialize for KeyHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{:016x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        u64::from_str_radix(&text, 16)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One part of a checkpoint: the ledger at a rotation. Part 1 carries the state, the others
+/// the once-only and resolved digests and the open runs, in chunks that keep lines short.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// This part, from 1.
+    pub part: u32,
+    /// How many parts make the whole; the checkpoint counts only once all are read.
+    pub parts: u32,
+    /// The state (part 1 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<Box<CheckpointState>>,
+    /// Once-only keys that ran, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<KeyHash>,
+    /// Firings that resolved, oldest first (kept when buttons are offered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolved: Vec<KeyHash>,
+    /// Runs planned or started and not ended: their latest entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<JournalEntry>,
+}
+
+/// The ledger's scalar state in a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Automatic actions paused.
+    pub paused: bool,
+    /// The backend serving.
+    pub backend: Backend,
+    /// Since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_since: Option<Timestamp>,
+    /// The last run per rule and target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule_runs: Vec<RuleRun>,
+    /// Recent runs per action and target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub action_runs: Vec<ActionRuns>,
+    /// Repair targets left to a person.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exhausted: Vec<String>,
+    /// A failback a rule missed while paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_failback: Option<JournalEntry>,
+    /// Where the host stood when this actioner last asked logind to sleep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_suspend: Option<AwakeStamp>,
+}
+
+/// When a rule last ran on a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRun {
+    /// The rule.
+    pub rule: String,
+    /// The target ("" for actions without one).
+    pub target: String,
+    /// When it was planned.
+    pub at: Timestamp,
+}
+
+/// When an action recently ran on a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionRuns {
+    /// The action.
+    pub action: ActionKind,
+    /// The target ("" for actions without one).
+    pub target: String,
+    /// When each was planned, oldest first.
+    pub at: Vec<Timestamp>,
+}
+
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalEntry {
-    /// Position in the journal, increasing across restarts.
+    /// Position in the journal, increasing across restarts and rotations.
     pub seq: u64,
-    /// Wall-clock time, RFC 3339.
-    pub ts: String,
+    /// When it was written.
+    pub ts: Timestamp,
     /// What happened.
     pub event: Event,
-    /// The run an entry belongs to: rule, alert fingerprint, startsAt and status (webhooks), or
-    /// `manual:<rfc3339>:<n>`. One key runs at most once.
+    /// The run it belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// The rule.
+    pub key: Option<RunKey>,
+    /// The rule, or `manual:<source>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// The action.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<ActionKind>,
-    /// The target.
+    /// The allowlisted target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     /// The alert.
@@ -108,7 +226,28 @@ pub struct JournalEntry {
     /// A dry run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
-    /// Why, or what came of it.
+    /// A manual failback that skipped its GPU check (`"force": true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+    /// Why it was skipped, refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Seconds left of a cooldown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_s: Option<u64>,
+    /// Repairs counted in the window, for `exhausted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The repair window in seconds, for `exhausted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
+    /// The host's boot and awake time when a run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awake: Option<AwakeStamp>,
+    /// A part of a checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Box<Checkpoint>>,
+    /// For people: why, or what came of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -118,7 +257,7 @@ impl JournalEntry {
     pub fn new(event: Event) -> Self {
         Self {
             seq: 0,
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            ts: Timestamp::now(),
             event,
             key: None,
             rule: None,
@@ -126,237 +265,710 @@ impl JournalEntry {
             target: None,
             alert: None,
             dry_run: false,
+            force: false,
+            reason: None,
+            left_s: None,
+            attempts: None,
+            window_s: None,
+            awake: None,
+            checkpoint: None,
             detail: None,
         }
     }
+
+    /// An entry of `event` about the run `key` of `plan`.
+    pub fn run(event: Event, key: &RunKey, plan: &Plan, alert: Option<&AlertRef>) -> Self {
+        Self {
+            key: Some(key.clone()),
+            rule: Some(plan.rule.clone()),
+            action: Some(plan.action),
+            target: plan.target.clone(),
+            alert: alert.cloned(),
+            dry_run: plan.dry_run,
+            ..Self::new(event)
+        }
+    }
+
+    /// The same run, a later event.
+    pub fn next(&self, event: Event) -> Self {
+        Self {
+            key: self.key.clone(),
+            rule: self.rule.clone(),
+            action: self.action,
+            target: self.target.clone(),
+            alert: self.alert.clone(),
+            dry_run: self.dry_run,
+            force: self.force,
+            ..Self::new(event)
+        }
+    }
+
+    /// Says why the run was skipped: the tag, its data and the words.
+    pub fn because(mut self, skip: &Skip) -> Self {
+        self.reason = Some(skip.reason());
+        match skip {
+            Skip::Cooldown(left) => self.left_s = Some(left.as_secs().max(1)),
+            Skip::Exhausted { attempts, window } => {
+                self.attempts = Some(*attempts);
+                self.window_s = Some(window.as_secs());
+            }
+            _ => {}
+        }
+        self.with_detail(skip.to_string())
+    }
+
+    /// Sets `detail`, cut to [`MAX_DETAIL_BYTES`].
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        let mut detail = detail.into();
+        if detail.len() > MAX_DETAIL_BYTES {
+            let end = cut(&detail, MAX_DETAIL_BYTES).len();
+            detail.truncate(end);
+            detail.push_str("...");
+        }
+        self.detail = Some(detail);
+        self
+    }
 }
 
-/// Why the journal could not be written or read.
-#[derive(Debug, thiserror::Error)]
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Gives an entry written by release 0.1.0 the `reason` tag its `detail` stood for. 0.1.0's
+/// wording is frozen: these prefixes are the whole of what it wrote.
+pub fn upgrade_0_1_0(entry: &mut JournalEntry) {
+    if entry.reason.is_some() || !matches!(entry.event, Event::Skipped | Event::Failed) {
+        return;
+    }
+    let Some(detail) = entry.detail.as_deref() else {
+        return;
+    };
+    let number = |text: &str| -> Option<u64> {
+        text.split(|c: char| !c.is_ascii_digit())
+            .find(|n| !n.is_empty())?
+            .parse()
+            .ok()
+    };
+    let reason = if entry.event == Event::Failed {
+        if detail.starts_with("interrupted:") {
+            Reason::Interrupted
+        } else if detail.starts_with("timed out after") {
+            Reason::TimedOut
+        } else if detail.contains("action is not available") {
+            Reason::Unavailable
+        } else {
+            Reason::Error
+        }
+    } else if detail == "paused" {
+        Reason::Paused
+    } else if detail.starts_with("duplicate:") {
+        Reason::Duplicate
+    } else if detail.starts_with("already done:") {
+        Reason::AlreadyDone
+    } else if detail.starts_with("resolved:") {
+        Reason::Resolved
+    } else if let Some(rest) = detail.strip_prefix("cooldown:") {
+        entry.left_s = number(rest);
+        Reason::Cooldown
+    } else if let Some(rest) = detail.strip_prefix("repairs exhausted:") {
+        let mut numbers = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok());
+        entry.attempts = numbers.next().and_then(|n| u32::try_from(n).ok());
+        entry.window_s = numbers.next();
+        Reason::Exhausted
+    } else if detail.starts_with("condition no longer true:") {
+        Reason::ConditionGone
+    } else if detail.starts_with("not this host:") {
+        Reason::NotThisHost
+    } else if detail.starts_with("not allowlisted:") || detail.contains("allowlist") {
+        Reason::NotAllowlisted
+    } else if detail.starts_with("no target:") || detail.contains("needs a target") {
+        Reason::NoTarget
+    } else if detail.starts_with("overloaded:") {
+        Reason::Overloaded
+    } else if detail.starts_with("dry-run") {
+        Reason::DryRun
+    } else {
+        return;
+    };
+    entry.reason = Some(reason);
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
     /// An I/O error on a journal file.
-    #[error("journal {}: {source}", path.display())]
+    #[error("journal {}: {op}: {message}", path.display())]
     Io {
-        /// The file.
+        /// The file (or the directory).
         path: PathBuf,
+        /// What was being done.
+        op: Op,
         /// What the OS said.
-        source: io::Error,
+        message: String,
+        /// Its error number, when it gave one.
+        errno: Option<i32>,
     },
 }
 
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
-    move |source| JournalError::Io {
-        path: path.to_owned(),
-        source,
+/// The file-system steps the journal takes: where faults are injected in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Creating the directory, listing it.
+    Dir,
+    /// Opening a file to read it back.
+    OpenRead,
+    /// Reading a line.
+    Read,
+    /// Opening the current file for appending.
+    OpenAppend,
+    /// Creating the next file at a rotation.
+    Create,
+    /// Writing a batch.
+    Write,
+    /// Syncing a file.
+    Sync,
+    /// Cutting a file back after a failed write.
+    Truncate,
+    /// Linking the current file to its archive name.
+    Link,
+    /// Renaming a file.
+    Rename,
+    /// Removing a file.
+    Remove,
+    /// Syncing the directory.
+    SyncDir,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dir => "directory",
+            Self::OpenRead => "open",
+            Self::Read => "read",
+            Self::OpenAppend => "open for append",
+            Self::Create => "create",
+            Self::Write => "write",
+            Self::Sync => "fsync",
+            Self::Truncate => "truncate",
+            Self::Link => "link",
+            Self::Rename => "rename",
+            Self::Remove => "remove",
+            Self::SyncDir => "fsync directory",
+        })
     }
 }
 
-/// The journal files in a state directory.
+/// Decides, before each file-system step, whether it fails: how tests inject `ENOSPC`, `EIO`
+/// or `EMFILE` at any step. The journal runs without one in production.
+pub trait FaultPlan: Send + Sync + fmt::Debug {
+    /// `Err` makes the step `op` on `file` fail with that error without doing it.
+    fn before(&self, op: Op, file: &Path) -> io::Result<()>;
+}
+
+/// How big the journal may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalLimits {
+    /// The current file is archived past this size.
+    pub max_bytes: u64,
+    /// Archives kept.
+    pub keep: usize,
+}
+
+impl Default for JournalLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 << 20,
+            keep: 4,
+        }
+    }
+}
+
+/// What reading the journal back found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Files read.
+    pub files: usize,
+    /// Entries read back.
+    pub entries: u64,
+    /// Lines skipped: torn, not JSON of an entry, invalid UTF-8, or too long.
+    pub invalid: u64,
+    /// Entries skipped because their `seq` did not go up (a repeated line).
+    pub out_of_order: u64,
+}
+
+/// The journal in a state directory.
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
-    file: File,
-    size: u64,
-    max_bytes: u64,
-    keep: usize,
+    limits: JournalLimits,
+    faults: Option<Arc<dyn FaultPlan>>,
+    /// The current file, `None` after a failed write until it is reopened.
+    file: Option<File>,
+    /// Bytes of the current file known to be on disk.
+    len: u64,
+    /// The first `seq` in the current file (its archive name).
+    first_seq: u64,
     next_seq: u64,
+    /// The last write failure, until a write succeeds.
+    failure: Option<JournalError>,
+}
+
+const CURRENT: &str = "journal.jsonl";
+const NEXT: &str = "journal.next.jsonl";
+
+/// What a file in the state directory is to the journal.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum FileKind {
+    /// 0.1.0's `journal.<n>.jsonl`: the higher `n`, the older.
+    Legacy(std::cmp::Reverse<u64>),
+    /// `journal-<first seq>.jsonl`.
+    Archive(u64),
+    /// `journal.jsonl`.
+    Current,
+}
+
+fn classify(name: &str) -> Option<FileKind> {
+    if name == CURRENT {
+        return Some(FileKind::Current);
+    }
+    if let Some(seq) = name
+        .strip_prefix("journal-")
+        .and_then(|r| r.strip_suffix(".jsonl"))
+    {
+        return seq.parse().ok().map(FileKind::Archive);
+    }
+    name.strip_prefix("journal.")
+        .and_then(|r| r.strip_suffix(".jsonl"))
+        .and_then(|n| n.parse().ok())
+        .map(|n| FileKind::Legacy(std::cmp::Reverse(n)))
+}
+
+fn archive_name(first_seq: u64) -> String {
+    format!("journal-{first_seq:020}.jsonl")
 }
 
 impl Journal {
-    /// The current file.
-    pub fn current_path(dir: &Path) -> PathBuf {
-        dir.join("journal.jsonl")
-    }
-
-    fn rotated_path(dir: &Path, n: usize) -> PathBuf {
-        dir.join(format!("journal.{n}.jsonl"))
-    }
-
-    /// Opens (creating the directory and file) and reads back every entry, oldest first. A
-    /// torn last line (a crash mid-write) or a corrupt one is skipped with a warning.
+    /// Opens the journal in `dir` (creating both when missing) and streams every entry,
+    /// oldest first, into `sink`.
     pub fn open(
         dir: &Path,
-        max_bytes: u64,
-        keep: usize,
-    ) -> Result<(Self, Vec<JournalEntry>), JournalError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let mut entries = Vec::new();
-        let mut files: Vec<PathBuf> = (1..=keep)
-            .rev()
-            .map(|n| Self::rotated_path(dir, n))
-            .collect();
-        files.push(Self::current_path(dir));
-        for path in files.iter().filter(|p| p.exists()) {
-            let reader = BufReader::new(File::open(path).map_err(io_error(path))?);
-            for (n, line) in reader.lines().enumerate() {
-                let line = line.map_err(io_error(path))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<JournalEntry>(&line) {
-                    Ok(entry) => entries.push(entry),
-                    Err(err) => {
-                        tracing::warn!(file = %path.display(), line = n + 1, %err, "skipping unreadable journal line")
-                    }
-                }
-            }
-        }
-        let current = Self::current_path(dir);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&current)
-            .map_err(io_error(&current))?;
-        let mut size = file.metadata().map_err(io_error(&current))?.len();
-        // A crash mid-write leaves a torn last line: end it, so the next entry starts clean.
-        let ends_cleanly = std::fs::read(&current)
-            .map(|bytes| bytes.last().is_none_or(|b| *b == b'\n'))
-            .map_err(io_error(&current))?;
-        if !ends_cleanly {
-            (&file).write_all(b"\n").map_err(io_error(&current))?;
-            size += 1;
-        }
-        let next_seq = entries.iter().map(|e| e.seq).max().map_or(1, |s| s + 1);
-        Ok((
-            Self {
-                dir: dir.to_owned(),
-                file,
-                size,
-                max_bytes,
-                keep,
-                next_seq,
-            },
-            entries,
-        ))
+        limits: JournalLimits,
+        sink: impl FnMut(JournalEntry),
+    ) -> Result<(Self, ReadStats), JournalError> {
+        Self::open_with(dir, limits, None, sink)
     }
 
-    /// Numbers the entries, writes them as one batch and syncs the file to disk.
+    /// As [`Journal::open`], with faults injected at the steps `faults` chooses.
+    pub fn open_with(
+        dir: &Path,
+        limits: JournalLimits,
+        faults: Option<Arc<dyn FaultPlan>>,
+        mut sink: impl FnMut(JournalEntry),
+    ) -> Result<(Self, ReadStats), JournalError> {
+        let mut journal = Self {
+            dir: dir.to_owned(),
+            limits,
+            faults,
+            file: None,
+            len: 0,
+            first_seq: 0,
+            next_seq: 1,
+            failure: None,
+        };
+        journal.step(Op::Dir, dir, || std::fs::create_dir_all(dir))?;
+        // A rotation that stopped half-way left its unfinished next file: what it held is in
+        // the current file or its archive already.
+        let _ = journal.step(Op::Remove, &dir.join(NEXT), || {
+            match std::fs::remove_file(dir.join(NEXT)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        });
+        let mut stats = ReadStats::default();
+        let mut last_seq = 0;
+        let mut current_first = None;
+        for (kind, name) in journal.files()? {
+            let path = dir.join(&name);
+            stats.files += 1;
+            let read = journal.read_file(&path, &mut stats, &mut last_seq, &mut sink)?;
+            if kind == FileKind::Current {
+                current_first = read;
+            }
+        }
+        journal.next_seq = last_seq + 1;
+        journal.first_seq = current_first.unwrap_or(journal.next_seq);
+        journal.reopen()?;
+        Ok((journal, stats))
+    }
+
+    /// Runs a file-system step, unless the fault plan fails it first.
+    fn step<T>(
+        &self,
+        op: Op,
+        path: &Path,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> Result<T, JournalError> {
+        let result = match &self.faults {
+            Some(faults) => faults.before(op, path).and_then(|()| f()),
+            None => f(),
+        };
+        result.map_err(|e| JournalError::Io {
+            path: path.to_owned(),
+            op,
+            errno: e.raw_os_error(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The journal's files, oldest first.
+    fn files(&self) -> Result<Vec<(FileKind, String)>, JournalError> {
+        let entries = self.step(Op::Dir, &self.dir, || {
+            std::fs::read_dir(&self.dir)?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<String>>>()
+        })?;
+        let mut files: Vec<(FileKind, String)> = entries
+            .into_iter()
+            .filter_map(|name| Some((classify(&name)?, name)))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Streams one file's entries into `sink`; returns the first `seq` it held.
+    fn read_file(
+        &self,
+        path: &Path,
+        stats: &mut ReadStats,
+        last_seq: &mut u64,
+        sink: &mut impl FnMut(JournalEntry),
+    ) -> Result<Option<u64>, JournalError> {
+        let file = match self.step(Op::OpenRead, path, || File::open(path)) {
+            Ok(file) => file,
+            // Aged out between listing and opening.
+            Err(JournalError::Io { errno: Some(2), .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        let mut line = Vec::with_capacity(1024);
+        let mut first = None;
+        loop {
+            let read = self.step(Op::Read, path, || {
+                read_line(&mut reader, &mut line, MAX_LINE_BYTES)
+            })?;
+            match read {
+                Line::End => break,
+                Line::Blank => {}
+                Line::TooLong => {
+                    stats.invalid += 1;
+                    tracing::warn!(file = %path.display(), "skipping a journal line longer than {MAX_LINE_BYTES} bytes");
+                }
+                Line::Text => match serde_json::from_slice::<JournalEntry>(&line) {
+                    Ok(mut entry) if entry.seq > *last_seq => {
+                        *last_seq = entry.seq;
+                        first.get_or_insert(entry.seq);
+                        upgrade_0_1_0(&mut entry);
+                        stats.entries += 1;
+                        sink(entry);
+                    }
+                    Ok(entry) => {
+                        stats.out_of_order += 1;
+                        tracing::warn!(file = %path.display(), seq = entry.seq, "skipping a journal entry whose seq does not go up");
+                    }
+                    Err(err) => {
+                        stats.invalid += 1;
+                        tracing::warn!(file = %path.display(), %err, "skipping an unreadable journal line");
+                    }
+                },
+            }
+        }
+        Ok(first)
+    }
+
+    /// (Re)opens the current file for appending, cutting off whatever a failed write left
+    /// past the last synced byte, and ending a line torn by a crash.
+    fn reopen(&mut self) -> Result<(), JournalError> {
+        let path = self.dir.join(CURRENT);
+        let existed = path.exists();
+        let file = self.step(Op::OpenAppend, &path, || {
+            OpenOptions::new().create(true).append(true).open(&path)
+        })?;
+        let on_disk = self.step(Op::OpenAppend, &path, || file.metadata().map(|m| m.len()))?;
+        let recovering = self.failure.is_some();
+        if recovering && on_disk > self.len {
+            let len = self.len;
+            if self
+                .step(Op::Truncate, &path, || file.set_len(len))
+                .is_err()
+            {
+                // Could not cut it: end the torn bytes as a line of their own, skipped when
+                // read back.
+                self.step(Op::Write, &path, || (&file).write_all(b"\n"))?;
+            }
+        } else if on_disk > 0 && !recovering {
+            let ends_cleanly = self.step(Op::Read, &path, || last_byte(&path))? == Some(b'\n');
+            if !ends_cleanly {
+                self.step(Op::Write, &path, || (&file).write_all(b"\n"))?;
+            }
+        }
+        self.step(Op::Sync, &path, || file.sync_all())?;
+        if !existed {
+            self.sync_dir()?;
+        }
+        self.len = self.step(Op::OpenAppend, &path, || file.metadata().map(|m| m.len()))?;
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> Result<(), JournalError> {
+        self.step(Op::SyncDir, &self.dir, || File::open(&self.dir)?.sync_all())
+    }
+
+    /// The last write failure, while the journal cannot be written.
+    pub fn failure(&self) -> Option<&JournalError> {
+        self.failure.as_ref()
+    }
+
+    /// Numbers the entries, writes them as one batch and syncs the file to disk. On an error
+    /// nothing of the batch counts: the file is cut back before the next batch.
     pub fn append(&mut self, entries: &mut [JournalEntry]) -> Result<(), JournalError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut buffer = Vec::with_capacity(entries.len() * 256);
+        if self.file.is_none() {
+            self.reopen()
+                .inspect_err(|e| self.failure = Some(e.clone()))?;
+        }
+        // Sequence numbers are used up even when the write fails: lines a failed write left
+        // behind must never share a number with what is written after.
+        let buffer = self.serialize(entries);
+        let path = self.dir.join(CURRENT);
+        let file = self.file.as_ref().expect("reopened above");
+        let written = self
+            .step(Op::Write, &path, || {
+                let mut file = file;
+                file.write_all(&buffer)
+            })
+            .and_then(|()| self.step(Op::Sync, &path, || file.sync_data()));
+        match written {
+            Ok(()) => {
+                self.len += buffer.len() as u64;
+                if self.failure.take().is_some() {
+                    tracing::info!("the journal is writable again");
+                }
+                Ok(())
+            }
+            Err(err) => {
+                // Cut back what may have landed; reopen (a new descriptor) before the next batch.
+                let len = self.len;
+                let _ = self.step(Op::Truncate, &path, || file.set_len(len));
+                self.file = None;
+                self.failure = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    fn serialize(&mut self, entries: &mut [JournalEntry]) -> Vec<u8> {
+        let mut buffer = Vec::with_capacity(entries.len() * 320);
         for entry in entries.iter_mut() {
             entry.seq = self.next_seq;
             self.next_seq += 1;
             serde_json::to_writer(&mut buffer, entry).expect("journal entries serialize");
             buffer.push(b'\n');
         }
-        let path = Self::current_path(&self.dir);
-        self.file.write_all(&buffer).map_err(io_error(&path))?;
-        self.file.sync_data().map_err(io_error(&path))?;
-        self.size += buffer.len() as u64;
-        if self.size >= self.max_bytes {
-            self.rotate()?;
+        buffer
+    }
+
+    /// Whether the current file has passed `max_bytes`.
+    pub fn wants_rotation(&self) -> bool {
+        self.failure.is_none() && self.len >= self.limits.max_bytes
+    }
+
+    /// Archives the current file and begins a new one with `checkpoint` (the ledger now), then
+    /// drops archives past `keep`. On an error the current file stays as it was.
+    pub fn rotate(&mut self, checkpoint: &mut [JournalEntry]) -> Result<(), JournalError> {
+        let current = self.dir.join(CURRENT);
+        let next = self.dir.join(NEXT);
+        let archive = self.dir.join(archive_name(self.first_seq));
+        let first_of_next = self.next_seq;
+        let buffer = self.serialize(checkpoint);
+        let staged = self
+            .step(Op::Create, &next, || {
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&next)
+            })
+            .and_then(|file| {
+                self.step(Op::Write, &next, || (&file).write_all(&buffer))?;
+                self.step(Op::Sync, &next, || file.sync_all())?;
+                Ok(file)
+            });
+        let file = match staged {
+            Ok(file) => file,
+            Err(err) => {
+                self.remove_quietly(&next);
+                return Err(err);
+            }
+        };
+        // The current file keeps its name until the new one replaces it in one rename.
+        if let Err(err) = self.archive_current(&current, &archive) {
+            self.remove_quietly(&next);
+            return Err(err);
         }
+        if let Err(err) = self.step(Op::Rename, &next, || std::fs::rename(&next, &current)) {
+            if same_file(&archive, &current) {
+                self.remove_quietly(&archive);
+            }
+            self.remove_quietly(&next);
+            return Err(err);
+        }
+        // The rename is done; a failed directory sync only makes it less certain to last.
+        if let Err(err) = self.sync_dir() {
+            tracing::warn!(%err, "journal rotated, but the directory could not be synced");
+        }
+        // Append mode from here on: the staged file was opened for writing at its end.
+        self.file = Some(file);
+        self.len = buffer.len() as u64;
+        self.first_seq = first_of_next;
+        self.prune();
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), JournalError> {
-        let oldest = Self::rotated_path(&self.dir, self.keep);
-        if oldest.exists() {
-            std::fs::remove_file(&oldest).map_err(io_error(&oldest))?;
-        }
-        for n in (1..self.keep).rev() {
-            let from = Self::rotated_path(&self.dir, n);
-            if from.exists() {
-                let to = Self::rotated_path(&self.dir, n + 1);
-                std::fs::rename(&from, &to).map_err(io_error(&from))?;
+    /// Gives the current file its archive name too (a hard link); where the file system has no
+    /// hard links, the archive is a copy.
+    fn archive_current(&self, current: &Path, archive: &Path) -> Result<(), JournalError> {
+        match self.step(Op::Link, archive, || std::fs::hard_link(current, archive)) {
+            Ok(()) => Ok(()),
+            // A rotation that stopped after the link left it: it is this very file.
+            Err(_) if same_file(archive, current) => Ok(()),
+            Err(JournalError::Io {
+                errno: Some(code), ..
+            }) if no_hard_links(code) => {
+                self.step(Op::Write, archive, || {
+                    std::fs::copy(current, archive).map(drop)
+                })?;
+                self.step(Op::Sync, archive, || File::open(archive)?.sync_all())
             }
+            Err(err) => Err(err),
         }
-        let current = Self::current_path(&self.dir);
-        std::fs::rename(&current, Self::rotated_path(&self.dir, 1)).map_err(io_error(&current))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&current)
-            .map_err(io_error(&current))?;
-        self.size = 0;
-        // Make the renames durable.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.dir))?;
-        Ok(())
+    }
+
+    /// Removes the oldest archives past `keep`.
+    fn prune(&self) {
+        let Ok(files) = self.files() else {
+            return;
+        };
+        let archives: Vec<&String> = files
+            .iter()
+            .filter(|(kind, _)| *kind != FileKind::Current)
+            .map(|(_, name)| name)
+            .collect();
+        let excess = archives.len().saturating_sub(self.limits.keep);
+        for name in &archives[..excess] {
+            self.remove_quietly(&self.dir.join(name));
+        }
+    }
+
+    fn remove_quietly(&self, path: &Path) {
+        if let Err(err) = self.step(Op::Remove, path, || std::fs::remove_file(path)) {
+            tracing::debug!(%err, "journal: could not remove a file");
+        }
+    }
+}
+
+fn no_hard_links(errno: i32) -> bool {
+    use rustix::io::Errno;
+    [Errno::PERM, Errno::OPNOTSUPP, Errno::XDEV, Errno::MLINK]
+        .iter()
+        .any(|e| e.raw_os_error() == errno)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn last_byte(path: &Path) -> io::Result<Option<u8>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut byte = [0u8; 1];
+    file.read_exact(&mut byte)?;
+    Ok(Some(byte[0]))
+}
+
+/// What [`read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line, in the buffer (without its newline; the last line of a file may lack one).
+    Text,
+    /// An empty or all-blank line.
+    Blank,
+    /// A line longer than allowed, skipped without keeping it.
+    TooLong,
+    /// The end of the file.
+    End,
+}
+
+/// Reads the next line into `line`, keeping at most `max` bytes in memory.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::Result<Line> {
+    line.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(match (any, too_long) {
+                (false, _) => Line::End,
+                (true, true) => Line::TooLong,
+                (true, false) if line.iter().all(u8::is_ascii_whitespace) => Line::Blank,
+                (true, false) => Line::Text,
+            });
+        }
+        any = true;
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(end) => (&available[..end], Some(end + 1)),
+            None => (available, None),
+        };
+        if !too_long && line.len() + chunk.len() <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        let used = done.unwrap_or(chunk.len());
+        reader.consume(used);
+        if done.is_some() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else if line.iter().all(u8::is_ascii_whitespace) {
+                Line::Blank
+            } else {
+                Line::Text
+            });
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(event: Event, key: &str) -> JournalEntry {
-        JournalEntry {
-            key: Some(key.into()),
-            ..JournalEntry::new(event)
-        }
-    }
-
-    #[test]
-    fn entries_survive_a_reopen_in_order_with_increasing_seq() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, read) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        assert!(read.is_empty());
-        journal
-            .append(&mut [entry(Event::Received, "a"), entry(Event::Planned, "a")])
-            .unwrap();
-        drop(journal);
-        let (mut journal, read) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
-        journal.append(&mut [entry(Event::Started, "a")]).unwrap();
-        let (_, read) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        assert_eq!(read.last().unwrap().seq, 3);
-        assert_eq!(read.last().unwrap().event, Event::Started);
-    }
-
-    #[test]
-    fn rotation_loses_nothing_until_the_oldest_file_goes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), 600, 3).unwrap();
-        for i in 0..40 {
-            journal
-                .append(&mut [entry(Event::Received, &format!("k{i}"))])
-                .unwrap();
-        }
-        assert!(dir.path().join("journal.1.jsonl").exists());
-        assert!(dir.path().join("journal.3.jsonl").exists());
-        assert!(
-            !dir.path().join("journal.4.jsonl").exists(),
-            "at most `keep` rotated files"
-        );
-        let (_, read) = Journal::open(dir.path(), 600, 3).unwrap();
-        let seqs: Vec<u64> = read.iter().map(|e| e.seq).collect();
-        // Contiguous to the newest: whatever was kept has no hole.
-        assert_eq!(*seqs.last().unwrap(), 40);
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
-        assert!(seqs.len() >= 3 * 600 / 200, "{} entries kept", seqs.len());
-    }
-
-    #[test]
-    fn a_torn_last_line_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        journal.append(&mut [entry(Event::Received, "a")]).unwrap();
-        drop(journal);
-        let mut file = OpenOptions::new()
-            .append(true)
-            .open(Journal::current_path(dir.path()))
-            .unwrap();
-        file.write_all(br#"{"seq":2,"ts":"2026-11-22T"#).unwrap();
-        let (mut journal, read) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        assert_eq!(read.len(), 1);
-        journal.append(&mut [entry(Event::Planned, "a")]).unwrap();
-        let (_, read) = Journal::open(dir.path(), 1 << 20, 4).unwrap();
-        let events: Vec<Event> = read.iter().map(|e| e.event).collect();
-        assert_eq!(
-            events,
-            [Event::Received, Event::Planned],
-            "the entry after the tear is kept"
-        );
-    }
-
-    #[test]
-    fn an_unwritable_directory_is_an_error_not_a_panic() {
-        let err = Journal::open(Path::new("/proc/aistack-journal"), 1 << 20, 4).unwrap_err();
-        assert!(err.to_string().contains("/proc/aistack-journal"), "{err}");
-    }
-}
+mod tests;

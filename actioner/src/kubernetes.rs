@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -115,10 +115,37 @@ impl std::fmt::Debug for KubeControl {
     }
 }
 
-fn api_error(what: &str) -> impl FnOnce(kube::Error) -> String + '_ {
-    move |e| match e {
-        kube::Error::Api(status) => format!("{what}: {} ({})", status.message, status.code),
-        other => format!("{what}: {other}"),
+/// Why a call to the Kubernetes API did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeError {
+    /// No client could be made.
+    #[error(
+        "no Kubernetes API: {0} (in a pod: its service account; elsewhere: KUBECONFIG or ~/.kube/config)"
+    )]
+    NoClient(String),
+    /// The object is not there.
+    #[error("no {0}")]
+    Missing(String),
+    /// The API server refused or failed.
+    #[error("{what}: {why}")]
+    Call {
+        /// What was being done.
+        what: String,
+        /// What the API server (or the connection) said.
+        why: String,
+    },
+    /// A wait ran out.
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+fn api_error(what: &str) -> impl FnOnce(kube::Error) -> KubeError + '_ {
+    move |e| KubeError::Call {
+        what: what.to_owned(),
+        why: match e {
+            kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+            other => other.to_string(),
+        },
     }
 }
 
@@ -135,30 +162,32 @@ impl KubeControl {
         Self::default()
     }
 
-    async fn client(&self) -> Result<Client, String> {
+    async fn client(&self) -> Result<Client, KubeError> {
         self.client
             .get_or_try_init(|| async {
                 aistack_common::install_tls_provider();
-                Client::try_default().await.map_err(|e| {
-                    format!(
-                        "no Kubernetes API: {e} (in a pod: its service account; elsewhere: KUBECONFIG or ~/.kube/config)"
-                    )
-                })
+                Client::try_default()
+                    .await
+                    .map_err(|e| KubeError::NoClient(e.to_string()))
             })
             .await
             .cloned()
     }
 
-    async fn deployments(&self, namespace: &str) -> Result<Api<Deployment>, String> {
+    async fn deployments(&self, namespace: &str) -> Result<Api<Deployment>, KubeError> {
         Ok(Api::namespaced(self.client().await?, namespace))
     }
 
-    async fn services(&self, namespace: &str) -> Result<Api<Service>, String> {
+    async fn services(&self, namespace: &str) -> Result<Api<Service>, KubeError> {
         Ok(Api::namespaced(self.client().await?, namespace))
     }
 
     /// The Deployment `namespace/name`.
-    pub async fn deployment(&self, namespace: &str, name: &str) -> Result<DeploymentView, String> {
+    pub async fn deployment(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<DeploymentView, KubeError> {
         let what = format!("Deployment {namespace}/{name}");
         self.deployments(namespace)
             .await?
@@ -166,11 +195,11 @@ impl KubeControl {
             .await
             .map_err(api_error(&what))?
             .map(|d| DeploymentView::from_api(&d))
-            .ok_or_else(|| format!("no {what}"))
+            .ok_or(KubeError::Missing(what))
     }
 
     /// Sets the replica count through the `scale` subresource, as `kubectl scale` does.
-    pub async fn scale(&self, namespace: &str, name: &str, replicas: i32) -> Result<(), String> {
+    pub async fn scale(&self, namespace: &str, name: &str, replicas: i32) -> Result<(), KubeError> {
         let what = format!("scaling Deployment {namespace}/{name} to {replicas}");
         self.deployments(namespace)
             .await?
@@ -191,7 +220,7 @@ impl KubeControl {
         name: &str,
         key: &str,
         value: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KubeError> {
         let what = format!("annotating Deployment {namespace}/{name}");
         self.deployments(namespace)
             .await?
@@ -206,7 +235,7 @@ impl KubeControl {
     }
 
     /// Restarts every pod, as `kubectl rollout restart` does: a new pod-template annotation.
-    pub async fn rollout_restart(&self, namespace: &str, name: &str) -> Result<(), String> {
+    pub async fn rollout_restart(&self, namespace: &str, name: &str) -> Result<(), KubeError> {
         let what = format!("restarting Deployment {namespace}/{name}");
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         self.deployments(namespace)
@@ -228,7 +257,7 @@ impl KubeControl {
         &self,
         namespace: &str,
         name: &str,
-    ) -> Result<BTreeMap<String, String>, String> {
+    ) -> Result<BTreeMap<String, String>, KubeError> {
         let what = format!("Service {namespace}/{name}");
         let service = self
             .services(namespace)
@@ -236,7 +265,7 @@ impl KubeControl {
             .get_opt(name)
             .await
             .map_err(api_error(&what))?
-            .ok_or_else(|| format!("no {what}"))?;
+            .ok_or(KubeError::Missing(what))?;
         Ok(service.spec.and_then(|s| s.selector).unwrap_or_default())
     }
 
@@ -248,7 +277,7 @@ impl KubeControl {
         name: &str,
         current: &BTreeMap<String, String>,
         selector: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KubeError> {
         let what = format!("re-pointing Service {namespace}/{name}");
         let mut patch = serde_json::Map::new();
         for key in current.keys().filter(|k| !selector.contains_key(*k)) {
@@ -276,29 +305,35 @@ impl KubeControl {
         name: &str,
         timeout: Duration,
         done: impl Fn(&DeploymentView) -> bool,
-    ) -> Result<(Duration, DeploymentView), (String, DeploymentView)> {
-        let started = Instant::now();
-        let mut last = DeploymentView::default();
-        loop {
-            match self.deployment(namespace, name).await {
-                Ok(view) if done(&view) => return Ok((started.elapsed(), view)),
-                Ok(view) => last = view,
-                Err(e) if started.elapsed() >= timeout => return Err((e, last)),
-                Err(_) => {}
+    ) -> Result<(Duration, DeploymentView), (KubeError, DeploymentView)> {
+        let last = std::sync::Mutex::new(DeploymentView::default());
+        let waited = crate::poll::until(timeout, POLL, || async {
+            let view = self.deployment(namespace, name).await.map_err(Some)?;
+            if done(&view) {
+                return Ok(view);
             }
-            if started.elapsed() >= timeout {
-                return Err((
-                    format!(
-                        "Deployment {namespace}/{name} not there within {}s: {}, {} updated, {} pods",
-                        timeout.as_secs(),
-                        last.availability(),
-                        last.updated,
-                        last.current
-                    ),
-                    last,
-                ));
-            }
-            tokio::time::sleep(POLL).await;
+            *last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+            Err(None)
+        })
+        .await;
+        let last = last
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match waited {
+            Ok((view, took)) => Ok((took, view)),
+            Err(Some(err)) => Err((err, last)),
+            Err(None) => Err((
+                KubeError::TimedOut(format!(
+                    "Deployment {namespace}/{name} not there within {}s: {}, {} updated, {} pods",
+                    timeout.as_secs(),
+                    last.availability(),
+                    last.updated,
+                    last.current
+                )),
+                last,
+            )),
         }
     }
 }

@@ -61,13 +61,14 @@ fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
             version = aistack_common::LONG_VERSION,
             "starting aistack-actioner"
         );
+        let limits = server::prepare(cli.common.connection_limits());
         let auth = Auth::load(&config).context("reading the secret files")?;
         let actions = build_actions(&config)?;
         let actioner = Actioner::start(&config, auth, actions)?;
         let listener = server::bind(&cli.listen_address)
             .await
             .with_context(|| format!("listening on {}", cli.listen_address))?;
-        server::serve(listener, actioner.router).await?;
+        server::serve(listener, actioner.router, limits).await?;
         Ok(())
     })
 }

@@ -1,17 +1,23 @@
-//! The actioner's own metrics (prefix `aistack_actioner_`), updated as things happen.
+//! The actioner's own metrics (prefix `aistack_actioner_`): counters and histograms updated as
+//! things happen, and gauges read from the ledger's latest snapshot at each scrape (pause, the
+//! backend, exhausted repair targets, whether the journal can be written).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+
+use crate::ledger::Snapshot;
+use crate::vocab::{ActionKind, Backend};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
@@ -26,34 +32,25 @@ pub struct CodeLabel {
     pub code: String,
 }
 
-/// `action` and `result` labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ResultLabels {
-    /// The action.
-    pub action: String,
-    /// ok, failed, skipped or dry_run.
-    pub result: &'static str,
+struct ResultLabels {
+    action: &'static str,
+    result: &'static str,
 }
 
-/// `action` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ActionLabel {
-    /// The action.
-    pub action: String,
+struct ActionLabel {
+    action: &'static str,
 }
 
-/// `target` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct TargetLabel {
-    /// The target.
-    pub target: String,
+struct OpLabel {
+    op: &'static str,
 }
 
-/// `backend` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct BackendLabel {
-    /// primary or fallback.
-    pub backend: &'static str,
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 fn duration_histogram() -> Histogram {
@@ -71,27 +68,19 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     /// `webhooks_total{code}`.
     pub webhooks: Family<CodeLabel, Counter>,
-    /// `actions_total{action,result}`.
-    pub actions: Family<ResultLabels, Counter>,
-    /// `action_duration_seconds{action}`.
-    pub action_duration: Family<ActionLabel, Histogram>,
-    /// `alert_to_action_seconds{action}`.
-    pub alert_to_action: Family<ActionLabel, Histogram>,
-    /// `inference_backend{backend}`.
-    pub inference_backend: Family<BackendLabel, Gauge>,
-    /// `paused`.
-    pub paused: Gauge,
-    /// `repair_exhausted{target}`.
-    pub repair_exhausted: Family<TargetLabel, Gauge>,
-    /// When each exhausted target gets its repair budget back.
-    exhausted_until: Arc<Mutex<HashMap<String, Instant>>>,
+    actions: Family<ResultLabels, Counter>,
+    action_duration: Family<ActionLabel, Histogram>,
+    alert_to_action: Family<ActionLabel, Histogram>,
+    journal_errors: Family<OpLabel, Counter>,
+    journal_lines_skipped: Counter,
+    relay_refused: Family<ReasonLabel, Counter>,
     /// What `/metrics` encodes.
     pub registry: Arc<Registry>,
 }
 
 impl Metrics {
-    /// Registers everything under the `aistack` prefix.
-    pub fn new() -> Self {
+    /// Registers everything under the `aistack` prefix; the gauges read `ledger`.
+    pub fn new(ledger: watch::Receiver<Arc<Snapshot>>) -> Self {
         let mut registry = Registry::with_prefix("aistack");
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -135,43 +124,43 @@ impl Metrics {
             Unit::Seconds,
             alert_to_action.clone(),
         );
-        let inference_backend = Family::<BackendLabel, Gauge>::default();
+        let journal_errors = Family::<OpLabel, Counter>::default();
         registry.register(
-            "actioner_inference_backend",
-            "1 for the inference backend in use (primary or fallback), 0 for the other.",
-            inference_backend.clone(),
+            "actioner_journal_errors",
+            "Journal operations that failed (write: the webhook was answered 500; rotate: retried at the next write).",
+            journal_errors.clone(),
         );
-        let paused = Gauge::default();
+        let journal_lines_skipped = Counter::default();
         registry.register(
-            "actioner_paused",
-            "1 while automatic actions are paused.",
-            paused.clone(),
+            "actioner_journal_lines_skipped",
+            "Journal lines skipped when it was read back at start: torn by a crash, unreadable or repeated.",
+            journal_lines_skipped.clone(),
         );
-        let repair_exhausted = Family::<TargetLabel, Gauge>::default();
+        let relay_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
-            "actioner_repair_exhausted",
-            "1 when repairs of the target reached max_attempts within the window and it was left to a person.",
-            repair_exhausted.clone(),
+            "actioner_wake_relay_refused",
+            "Wake relay requests refused before the journal: rate_limited or destination (not a broadcast address or port the relay allows).",
+            relay_refused.clone(),
         );
+        registry.register_collector(Box::new(LedgerGauges { ledger }));
         Self {
             webhooks,
             actions,
             action_duration,
             alert_to_action,
-            inference_backend,
-            paused,
-            repair_exhausted,
-            exhausted_until: Arc::default(),
+            journal_errors,
+            journal_lines_skipped,
+            relay_refused,
             registry: Arc::new(registry),
         }
     }
 
     /// Creates `actions_total` at 0 for every result of each of `actions`.
-    pub fn init_actions<'a>(&self, actions: impl IntoIterator<Item = &'a str>) {
+    pub fn init_actions(&self, actions: impl IntoIterator<Item = ActionKind>) {
         for action in actions {
             for result in ["ok", "failed", "skipped", "dry_run"] {
                 drop(self.actions.get_or_create(&ResultLabels {
-                    action: action.to_owned(),
+                    action: action.name(),
                     result,
                 }));
             }
@@ -179,73 +168,116 @@ impl Metrics {
     }
 
     /// Counts a run's result.
-    pub fn count(&self, action: &str, result: &'static str) {
+    pub fn count(&self, action: ActionKind, result: &'static str) {
         self.actions
             .get_or_create(&ResultLabels {
-                action: action.to_owned(),
+                action: action.name(),
                 result,
             })
             .inc();
     }
 
-    /// Marks a repair target as exhausted for `left`, the time until its oldest counted repair
-    /// leaves the window and a repair may be planned again; then the gauge drops by itself.
-    /// Needs a Tokio runtime.
-    pub fn set_repair_exhausted_for(&self, target: &str, left: Duration) {
-        let until = Instant::now() + left;
-        self.exhausted_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(target.to_owned(), until);
-        self.exhausted_gauge(target).set(1);
-        let metrics = self.clone();
-        let target = target.to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(until).await;
-            let mut pending = metrics
-                .exhausted_until
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // A later exhaustion moved the deadline: that one's timer clears it.
-            if pending.get(&target).is_some_and(|u| *u <= Instant::now()) {
-                pending.remove(&target);
-                metrics.exhausted_gauge(&target).set(0);
-            }
-        });
-    }
-
-    /// The target needs no repair any more (repaired, healthy again, or stopped on purpose).
-    pub fn clear_repair_exhausted(&self, target: &str) {
-        let mut pending = self
-            .exhausted_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pending.remove(target).is_some() {
-            self.exhausted_gauge(target).set(0);
-        }
-    }
-
-    fn exhausted_gauge(&self, target: &str) -> Gauge {
-        self.repair_exhausted
-            .get_or_create(&TargetLabel {
-                target: target.to_owned(),
+    /// Records how long a run took.
+    pub fn observe_duration(&self, action: ActionKind, took: Duration) {
+        self.action_duration
+            .get_or_create(&ActionLabel {
+                action: action.name(),
             })
-            .clone()
+            .observe(took.as_secs_f64());
     }
 
-    /// Sets the backend gauges.
-    pub fn set_backend(&self, fallback: bool) {
-        for (backend, active) in [("primary", !fallback), ("fallback", fallback)] {
-            self.inference_backend
-                .get_or_create(&BackendLabel { backend })
-                .set(i64::from(active));
-        }
+    /// Records how long after its alert started a run ended.
+    pub fn observe_alert_to_action(&self, action: ActionKind, age: Duration) {
+        self.alert_to_action
+            .get_or_create(&ActionLabel {
+                action: action.name(),
+            })
+            .observe(age.as_secs_f64());
+    }
+
+    /// Counts a failed journal operation (`write`, `rotate`).
+    pub fn journal_error(&self, op: &'static str) {
+        self.journal_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    /// Counts journal lines skipped at start.
+    pub fn journal_lines_skipped(&self, lines: u64) {
+        self.journal_lines_skipped.inc_by(lines);
+    }
+
+    /// Counts a relay request refused before the journal.
+    pub fn relay_refused(&self, reason: &'static str) {
+        self.relay_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// The gauges read from the ledger's snapshot at each scrape.
+#[derive(Debug)]
+struct LedgerGauges {
+    ledger: watch::Receiver<Arc<Snapshot>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabel {
+    backend: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+fn flag(on: bool) -> i64 {
+    i64::from(on)
+}
+
+impl Collector for LedgerGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snapshot = self.ledger.borrow().clone();
+        let now = SystemTime::now();
+        let mut backend = encoder.encode_descriptor(
+            "actioner_inference_backend",
+            "1 for the inference backend in use (primary or fallback), 0 for the other.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in [Backend::Primary, Backend::Fallback] {
+            let gauge = ConstGauge::new(flag(snapshot.backend == b));
+            gauge.encode(backend.encode_family(&BackendLabel {
+                backend: b.as_str(),
+            })?)?;
+        }
+        ConstGauge::new(flag(snapshot.paused)).encode(encoder.encode_descriptor(
+            "actioner_paused",
+            "1 while automatic actions are paused.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(flag(snapshot.journal_failure.is_none())).encode(
+            encoder.encode_descriptor(
+                "actioner_journal_writable",
+                "1 while the journal takes writes; 0 after a write failed (webhooks are answered 500) until one succeeds.",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        if !snapshot.exhausted.is_empty() {
+            let mut exhausted = encoder.encode_descriptor(
+                "actioner_repair_exhausted",
+                "1 when repairs of the target reached max_attempts within the window and it was left to a person.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (target, until) in &snapshot.exhausted {
+                let on = until.is_some_and(|until| until > now);
+                ConstGauge::new(flag(on)).encode(exhausted.encode_family(&TargetLabel {
+                    target: target.clone(),
+                })?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -253,44 +285,52 @@ impl Default for Metrics {
 mod tests {
     use super::*;
 
-    fn exhausted(metrics: &Metrics, target: &str) -> i64 {
-        metrics.exhausted_gauge(target).get()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_exhausted_target_gets_its_budget_back_when_the_window_passes() {
-        let metrics = Metrics::new();
-        metrics.set_repair_exhausted_for("ollama", Duration::from_secs(600));
-        assert_eq!(exhausted(&metrics, "ollama"), 1);
-        tokio::time::sleep(Duration::from_secs(300)).await;
-        assert_eq!(exhausted(&metrics, "ollama"), 1);
-        // Exhausted again later: the first deadline no longer clears it.
-        metrics.set_repair_exhausted_for("ollama", Duration::from_secs(600));
-        tokio::time::sleep(Duration::from_secs(301)).await;
-        assert_eq!(exhausted(&metrics, "ollama"), 1);
-        tokio::time::sleep(Duration::from_secs(300)).await;
-        assert_eq!(exhausted(&metrics, "ollama"), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_repaired_target_is_cleared_at_once() {
-        let metrics = Metrics::new();
-        metrics.set_repair_exhausted_for("webui", Duration::from_secs(600));
-        metrics.clear_repair_exhausted("webui");
-        assert_eq!(exhausted(&metrics, "webui"), 0);
-        // Clearing a target that never was exhausted creates no series.
-        metrics.clear_repair_exhausted("other");
+    fn encoded(metrics: &Metrics) -> String {
         let mut body = String::new();
         prometheus_client::encoding::text::encode(&mut body, &metrics.registry).unwrap();
-        assert!(!body.contains("other"), "{body}");
+        body
+    }
+
+    #[test]
+    fn gauges_follow_the_ledger() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let metrics = Metrics::new(rx);
+        let body = encoded(&metrics);
+        for line in [
+            r#"aistack_actioner_inference_backend{backend="primary"} 1"#,
+            r#"aistack_actioner_inference_backend{backend="fallback"} 0"#,
+            "aistack_actioner_paused 0",
+            "aistack_actioner_journal_writable 1",
+        ] {
+            assert!(body.contains(line), "{line}\n{body}");
+        }
+        assert!(!body.contains("repair_exhausted"), "{body}");
+        let later = SystemTime::now() + Duration::from_secs(600);
+        tx.send_replace(Arc::new(Snapshot {
+            paused: true,
+            backend: Backend::Fallback,
+            exhausted: vec![("ollama".into(), Some(later)), ("webui".into(), None)],
+            journal_failure: Some("ENOSPC".into()),
+            ..Snapshot::default()
+        }));
+        let body = encoded(&metrics);
+        for line in [
+            r#"aistack_actioner_inference_backend{backend="fallback"} 1"#,
+            "aistack_actioner_paused 1",
+            "aistack_actioner_journal_writable 0",
+            r#"aistack_actioner_repair_exhausted{target="ollama"} 1"#,
+            r#"aistack_actioner_repair_exhausted{target="webui"} 0"#,
+        ] {
+            assert!(body.contains(line), "{line}\n{body}");
+        }
     }
 
     #[test]
     fn every_action_a_rule_uses_starts_at_zero() {
-        let metrics = Metrics::new();
-        metrics.init_actions(["notify", "repair"]);
-        let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, &metrics.registry).unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let metrics = Metrics::new(rx);
+        metrics.init_actions([ActionKind::Notify, ActionKind::Repair]);
+        let body = encoded(&metrics);
         for line in [
             r#"aistack_actioner_actions_total{action="notify",result="failed"} 0"#,
             r#"aistack_actioner_actions_total{action="repair",result="ok"} 0"#,

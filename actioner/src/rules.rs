@@ -3,97 +3,22 @@
 //! A rule matches an alert by its own labels (`match`: equality; `match_re`: anchored regexes,
 //! a missing label matching as ""), and by its status (`on`). The target comes from the rule
 //! (`target`) or a label (`target_label`) and must be in the action's allowlist; suspend acts
-//! only for alerts about this host.
+//! only for alerts about this host, wake defaults to the host the alert is about. What the
+//! ledger says (once-only, pause, cooldowns) is the policy's part, not this module's.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use regex::Regex;
-
-use crate::alert::{Alert, AlertStatus};
-use crate::config::{ActionKind, Config, Rule, Trigger, anchored_regex};
-
-/// Why a matching rule does not act.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SkipReason {
-    /// Suspend, for an alert about another host (or none).
-    NotThisHost(Option<String>),
-    /// The target is not in the action's allowlist.
-    NotAllowlisted(String),
-    /// The action needs a target and the rule gives none.
-    NoTarget,
-    /// This firing already ran (or is running) this rule.
-    Duplicate,
-    /// The rule ran on this target too recently.
-    Cooldown(Duration),
-    /// The actioner is paused.
-    Paused,
-    /// The queue is full (the webhook is answered 503 and retried).
-    Overloaded,
-    /// Repairs of this target reached `max_attempts` within `window`.
-    Exhausted(u32, Duration),
-    /// A dry run: planned and journaled, not acted on.
-    DryRun,
-    /// The condition was re-checked at action time and no longer holds.
-    ConditionGone(String),
-}
-
-/// The journal's word for a skip because the actioner is paused.
-pub const PAUSED: &str = "paused";
-/// How a skip for exhausted repairs begins in the journal.
-pub const EXHAUSTED_PREFIX: &str = "repairs exhausted:";
-/// How a skip after a failed re-check at action time begins in the journal.
-pub const CONDITION_GONE_PREFIX: &str = "condition no longer true:";
-
-impl std::fmt::Display for SkipReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NotThisHost(Some(host)) => write!(f, "not this host: the alert is about {host}"),
-            Self::NotThisHost(None) => write!(f, "not this host: the alert names no host"),
-            Self::NotAllowlisted(target) => write!(f, "not allowlisted: {target:?}"),
-            Self::NoTarget => write!(
-                f,
-                "no target: the rule sets neither target nor target_label"
-            ),
-            Self::Duplicate => write!(f, "duplicate: this firing already ran this rule"),
-            Self::Cooldown(left) => write!(f, "cooldown: {}s left", left.as_secs()),
-            Self::Paused => f.write_str(PAUSED),
-            Self::Overloaded => write!(f, "overloaded: action queue full"),
-            Self::Exhausted(n, window) => {
-                write!(
-                    f,
-                    "{EXHAUSTED_PREFIX} {n} in the last {}s; a person is needed",
-                    window.as_secs()
-                )
-            }
-            Self::DryRun => write!(f, "dry-run"),
-            Self::ConditionGone(why) => write!(f, "{CONDITION_GONE_PREFIX} {why}"),
-        }
-    }
-}
-
-/// What a matching rule wants done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// The rule's name.
-    pub rule: String,
-    /// The action.
-    pub action: ActionKind,
-    /// The allowlisted target, for actions that take one.
-    pub target: Option<String>,
-    /// Dry run (the rule's or the global setting).
-    pub dry_run: bool,
-    /// The rule's cooldown.
-    pub cooldown: Option<Duration>,
-}
+use crate::alert::{Alert, AlertStatus, LabelMatcher};
+use crate::config::{Config, Rule, Trigger};
+use crate::vocab::{ActionKind, Allowlists, Origin, Plan, Skip};
 
 /// The outcome of one rule for one alert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Act (subject to dedupe, cooldown and pause).
+    /// Act (subject to the policy: once-only, pause, cooldown, repair budget).
     Act(Plan),
     /// Matched, but will not act.
-    Skip(Plan, SkipReason),
+    Skip(Plan, Skip),
 }
 
 #[derive(Debug)]
@@ -102,51 +27,12 @@ struct Compiled {
     matcher: LabelMatcher,
 }
 
-/// `match` and `match_re` of a rule or a button offer, compiled: an alert matches when each
-/// `match` label has that value and each `match_re` label matches its anchored regex (a
-/// missing label is the empty string, as in Alertmanager).
-#[derive(Debug)]
-pub struct LabelMatcher {
-    equal: Vec<(String, String)>,
-    regex: Vec<(String, Regex)>,
-}
-
-impl LabelMatcher {
-    /// Compiles `match_re` (validated by check-config: the regexes compile).
-    pub fn new(
-        equal: &BTreeMap<String, String>,
-        regex: &BTreeMap<String, String>,
-    ) -> Result<Self, regex::Error> {
-        Ok(Self {
-            equal: equal.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            regex: regex
-                .iter()
-                .map(|(label, pattern)| Ok((label.clone(), anchored_regex(pattern)?)))
-                .collect::<Result<_, regex::Error>>()?,
-        })
-    }
-
-    /// Whether `alert`'s own labels match.
-    pub fn matches(&self, alert: &Alert) -> bool {
-        let value = |label: &str| alert.labels.get(label).map_or("", String::as_str);
-        self.equal.iter().all(|(label, want)| value(label) == want)
-            && self
-                .regex
-                .iter()
-                .all(|(label, re)| re.is_match(value(label)))
-    }
-}
-
 /// The compiled rules and the allowlists they pick targets from.
 #[derive(Debug)]
 pub struct RuleSet {
     rules: Vec<Compiled>,
-    host: String,
+    allowlists: Allowlists,
     dry_run: bool,
-    buttons: bool,
-    wake_targets: BTreeSet<String>,
-    repair_targets: BTreeSet<String>,
-    repair_limit: (u32, Duration),
 }
 
 impl RuleSet {
@@ -162,22 +48,16 @@ impl RuleSet {
                 })
             })
             .collect::<Result<_, regex::Error>>()?;
-        let repair = &config.actions.repair;
         Ok(Self {
             rules,
-            host: config.host_name(),
+            allowlists: config.allowlists(),
             dry_run: config.dry_run,
-            buttons: config.actions.notify.buttons.is_some(),
-            wake_targets: config.actions.wake.targets.keys().cloned().collect(),
-            repair_targets: repair
-                .docker
-                .containers
-                .iter()
-                .chain(&repair.kubernetes.deployments)
-                .cloned()
-                .collect(),
-            repair_limit: (repair.max_attempts, repair.window.into()),
         })
+    }
+
+    /// The allowlists targets come from.
+    pub fn allowlists(&self) -> &Allowlists {
+        &self.allowlists
     }
 
     /// The global `dry_run`.
@@ -185,33 +65,8 @@ impl RuleSet {
         self.dry_run
     }
 
-    /// Whether notifications carry buttons (`actions.notify.buttons`).
-    pub fn offers_buttons(&self) -> bool {
-        self.buttons
-    }
-
-    /// This actioner's host name.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// Whether `target` may be acted on by `action` (manual triggers check this too).
-    pub fn allowlisted(&self, action: ActionKind, target: &str) -> bool {
-        match action {
-            ActionKind::Wake => self.wake_targets.contains(target),
-            ActionKind::Repair => self.repair_targets.contains(target),
-            ActionKind::Suspend => target == self.host,
-            ActionKind::Failover | ActionKind::Failback | ActionKind::Notify => true,
-        }
-    }
-
-    /// Repairs allowed per target per window.
-    pub fn repair_limit(&self) -> (u32, Duration) {
-        self.repair_limit
-    }
-
-    /// The longest cooldown of the rules running `action` (manual triggers honour it).
-    pub fn cooldown_for(&self, action: ActionKind) -> Option<Duration> {
+    /// The longest cooldown of the rules running `action` (runs a person asks for honour it).
+    pub fn longest_cooldown(&self, action: ActionKind) -> Option<Duration> {
         self.rules
             .iter()
             .filter(|c| c.rule.action == action)
@@ -219,11 +74,17 @@ impl RuleSet {
             .max()
     }
 
-    /// Each rule with a cooldown, and the cooldown.
-    pub fn cooldowns(&self) -> impl Iterator<Item = (&str, Duration)> {
+    /// The cooldown of the rule named `rule`.
+    pub fn cooldown_of(&self, rule: &str) -> Option<Duration> {
         self.rules
             .iter()
-            .filter_map(|c| Some((c.rule.name.as_str(), Duration::from(c.rule.cooldown?))))
+            .find(|c| c.rule.name == rule)
+            .and_then(|c| c.rule.cooldown.map(Duration::from))
+    }
+
+    /// The actions the rules use.
+    pub fn actions(&self) -> impl Iterator<Item = ActionKind> + '_ {
+        self.rules.iter().map(|c| c.rule.action)
     }
 
     /// What each matching rule wants for `alert`. An empty list means no rule matches.
@@ -236,40 +97,36 @@ impl RuleSet {
     }
 
     fn decision(&self, rule: &Rule, alert: &Alert) -> Decision {
-        let label_target = rule
-            .target_label
-            .as_ref()
-            .and_then(|l| alert.labels.get(l))
-            .cloned();
-        let named = rule.target.clone().or(label_target);
         let mut plan = Plan {
             rule: rule.name.clone(),
             action: rule.action,
             target: None,
             dry_run: rule.dry_run.unwrap_or(self.dry_run),
             cooldown: rule.cooldown.map(Into::into),
+            origin: Origin::Rule,
         };
+        if !rule.action.takes_target() {
+            return Decision::Act(plan);
+        }
+        let named = rule.target.clone().or_else(|| {
+            let label = rule.target_label.as_ref()?;
+            alert.labels.get(label).cloned()
+        });
         let target = match rule.action {
-            ActionKind::Failover | ActionKind::Failback | ActionKind::Notify => {
-                return Decision::Act(plan);
-            }
             // Suspend acts only for alerts about this host.
             ActionKind::Suspend => match alert.host() {
-                Some(host) if host == self.host => host,
-                other => return Decision::Skip(plan, SkipReason::NotThisHost(other)),
+                Some(host) if host == self.allowlists.host => Some(host),
+                other => return Decision::Skip(plan, Skip::NotThisHost(other)),
             },
             // Wake defaults to the host the alert is about.
-            ActionKind::Wake => match named.or_else(|| alert.host()) {
-                Some(target) => target,
-                None => return Decision::Skip(plan, SkipReason::NoTarget),
-            },
-            ActionKind::Repair => match named {
-                Some(target) => target,
-                None => return Decision::Skip(plan, SkipReason::NoTarget),
-            },
+            ActionKind::Wake => named.or_else(|| alert.host()),
+            _ => named,
         };
-        if !self.allowlisted(rule.action, &target) {
-            return Decision::Skip(plan, SkipReason::NotAllowlisted(target));
+        let Some(target) = target else {
+            return Decision::Skip(plan, Skip::NoTarget(rule.action));
+        };
+        if !self.allowlists.allows(rule.action, &target) {
+            return Decision::Skip(plan, Skip::NotAllowlisted(rule.action, target));
         }
         plan.target = Some(target);
         Decision::Act(plan)
@@ -356,11 +213,8 @@ actions:
         );
         assert_eq!(
             r.decide(&there)[0],
-            Decision::Skip(
-                plan.clone(),
-                SkipReason::NotThisHost(Some("other-box".into()))
-            )
-            .with_target(None)
+            Decision::Skip(plan.clone(), Skip::NotThisHost(Some("other-box".into())))
+                .with_target(None)
         );
     }
 
@@ -385,7 +239,7 @@ actions:
             ],
         );
         assert!(
-            matches!(&r.decide(&evil)[..], [Decision::Skip(_, SkipReason::NotAllowlisted(t))] if t == "postgres")
+            matches!(&r.decide(&evil)[..], [Decision::Skip(_, Skip::NotAllowlisted(_, t))] if t == "postgres")
         );
         let none = alert(
             AlertStatus::Firing,
@@ -393,7 +247,7 @@ actions:
         );
         assert!(matches!(
             &r.decide(&none)[..],
-            [Decision::Skip(_, SkipReason::NoTarget)]
+            [Decision::Skip(_, Skip::NoTarget(_))]
         ));
     }
 

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
-use crate::config::MacAddress;
+use crate::vocab::MacAddress;
 
 /// Builds the magic packet for `mac`.
 pub fn magic_packet(mac: MacAddress, password: Option<&[u8]>) -> Vec<u8> {

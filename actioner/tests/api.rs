@@ -4,10 +4,10 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use aistack_actioner::actions::Actions;
 use aistack_actioner::auth::Auth;
 use aistack_actioner::config::Config;
-use aistack_actioner::journal::{Event, Journal, JournalEntry};
+use aistack_actioner::journal::{Event, Journal, JournalEntry, JournalLimits};
+use aistack_actioner::vocab::Reason;
 use aistack_actioner::{Actioner, build_actions};
 use axum::Router;
 use axum::body::Body;
@@ -64,7 +64,7 @@ actions:
 
     fn start(&self, extra_rules: &str) -> Actioner {
         let config = self.config(extra_rules);
-        let actions: Actions = build_actions(&config).unwrap();
+        let actions = build_actions(&config).unwrap();
         Actioner::start(
             &config,
             Auth::from_secrets(TOKEN, Some(("am", "pw")), Some("relay-key")),
@@ -85,10 +85,15 @@ actions:
     }
 
     fn journal(&self) -> Vec<JournalEntry> {
-        Journal::open(&self.dir.path().join("state"), 1 << 30, 4)
-            .unwrap()
-            .1
+        read_journal(&self.dir.path().join("state"))
     }
+}
+
+/// Every entry of the journal in `dir`, oldest first.
+fn read_journal(dir: &std::path::Path) -> Vec<JournalEntry> {
+    let mut entries = Vec::new();
+    Journal::open(dir, JournalLimits::default(), |e| entries.push(e)).unwrap();
+    entries
 }
 
 fn webhook(alerts: &str) -> String {
@@ -275,9 +280,10 @@ async fn each_alert_is_judged_on_its_own_labels() {
     );
     let journal = settled(&setup, "wake-host|f1", Event::Succeeded).await;
     let refused = journal.iter().find(|e| e.event == Event::Skipped).unwrap();
+    assert_eq!(refused.reason, Some(Reason::NotAllowlisted));
     assert_eq!(
         refused.detail.as_deref(),
-        Some("not allowlisted: \"attacker\"")
+        Some("\"attacker\" is not in the wake allowlist")
     );
 }
 
@@ -554,12 +560,17 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_happens() {
 async fn a_run_interrupted_by_a_crash_is_failed_and_not_retried() {
     let setup = Setup::new();
     // A previous process journaled "started" and died.
-    let (mut journal, _) = Journal::open(&setup.dir.path().join("state"), 1 << 20, 4).unwrap();
+    let (mut journal, _) = Journal::open(
+        &setup.dir.path().join("state"),
+        JournalLimits::default(),
+        drop,
+    )
+    .unwrap();
     let key = "wake-nas|f9|2026-11-22T21:00:00Z|firing";
     let mut started = JournalEntry {
         key: Some(key.into()),
         rule: Some("wake-nas".into()),
-        action: Some(aistack_actioner::config::ActionKind::Wake),
+        action: Some(aistack_actioner::vocab::ActionKind::Wake),
         target: Some("nas".into()),
         ..JournalEntry::new(Event::Planned)
     };
@@ -643,8 +654,8 @@ async fn the_global_dry_run_holds_for_manual_triggers_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved() {
+    use aistack_actioner::actions::notify::buttons::Buttons;
     use aistack_actioner::alert::Alert;
-    use aistack_actioner::buttons::Buttons;
 
     let setup = Setup::new();
     let key_file = setup.dir.path().join("buttons.key");
@@ -661,7 +672,11 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
             key_file.display()
         ),
     );
-    let buttons = Buttons::new(&config).unwrap().unwrap();
+    let buttons = Buttons::new(
+        config.actions.notify.buttons.as_ref().unwrap(),
+        config.allowlists(),
+    )
+    .unwrap();
     let press_path = |fingerprint: &str| {
         let alert: Alert = serde_json::from_str(&alert(
             "NasAsleep",
@@ -755,11 +770,16 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_busy_again() {
-    use aistack_actioner::config::ActionKind;
+    use aistack_actioner::vocab::ActionKind;
 
     let setup = Setup::new();
     // The journal of an actioner that failed over earlier.
-    let (mut journal, _) = Journal::open(&setup.dir.path().join("state"), 1 << 30, 4).unwrap();
+    let (mut journal, _) = Journal::open(
+        &setup.dir.path().join("state"),
+        JournalLimits::default(),
+        drop,
+    )
+    .unwrap();
     let mut history: Vec<JournalEntry> = [Event::Planned, Event::Started, Event::Succeeded]
         .into_iter()
         .map(|event| JournalEntry {

@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use aistack_actioner::alert::{Alert, AlertStatus, MAX_ALERTS, parse_payload};
-use aistack_actioner::config::{ActionKind, Config};
+use aistack_actioner::config::Config;
 use aistack_actioner::rules::{Decision, RuleSet};
+use aistack_actioner::vocab::ActionKind;
 use proptest::prelude::*;
 
 fn cases() -> u32 {

@@ -9,8 +9,8 @@ const ACTIONER: &str = "aistack-actioner";
 
 /// A valid config whose secret files live in `dir`.
 fn write_config(dir: &Path) -> String {
-    std::fs::write(dir.join("token"), "0123456789abcdef\n").unwrap();
-    std::fs::write(dir.join("wake.key"), "relay-key\n").unwrap();
+    aistack_tests::write_secret(dir.join("token"), "0123456789abcdef\n");
+    aistack_tests::write_secret(dir.join("wake.key"), "relay-key\n");
     let config = format!(
         r#"
 host: gpu-box
@@ -85,7 +85,7 @@ fn refuses_to_start_without_a_bearer_token() {
     assert_eq!(code, 1);
     assert!(err.contains("auth.bearer_token_file: cannot read"), "{err}");
 
-    std::fs::write(dir.path().join("token"), "  \n").unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), "  \n");
     let (code, _, err) = run(
         ACTIONER,
         &[
@@ -136,11 +136,34 @@ fn check_config_lists_every_problem_with_its_path() {
         &["check-config", "--config.file", bad.to_str().unwrap()],
     );
     assert_eq!(code, 1);
+    // A value that does not parse stops the reading (and says where in the file it is) ...
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with(
+            r#"actions.wake.targets.gpu-host.mac: invalid MAC "zz:bb:cc:dd:ee:ff" at line 6"#
+        ),
+        "{err}"
+    );
+    // ... and once it parses, every other problem is listed at once.
+    std::fs::write(
+        &bad,
+        "rules:\n  - {name: x, match: {alertname: A}, action: wake, target: nas}\n\
+         \x20 - {name: x, match: {alertname: B}, action: repair}\n\
+         actions:\n  wake:\n    targets:\n      gpu-host: {mac: \"aa:bb:cc:dd:ee:ff\", port: 0}\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        ACTIONER,
+        &["check-config", "--config.file", bad.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
     assert_eq!(
         err.lines().collect::<Vec<_>>(),
         [
             r#"rules[0].target: "nas" is not in the wake allowlist (gpu-host)"#,
-            r#"actions.wake.targets.gpu-host.mac: invalid MAC "zz:bb:cc:dd:ee:ff""#,
+            r#"rules[1].name: duplicate rule name "x""#,
+            "actions.wake.targets.gpu-host.port: must be 1..65535",
         ]
     );
 

@@ -42,13 +42,12 @@ impl Stack {
         let ntfy = FakeNtfy::start();
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
-        std::fs::write(dir.path().join("ntfy.token"), "tk_ntfytoken\n").unwrap();
-        std::fs::write(
+        aistack_tests::write_secret(dir.path().join("token"), format!("{TOKEN}\n"));
+        aistack_tests::write_secret(dir.path().join("ntfy.token"), "tk_ntfytoken\n");
+        aistack_tests::write_secret(
             dir.path().join("buttons.key"),
             "5f2b9c0e7d41a8b36c9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e\n",
-        )
-        .unwrap();
+        );
         let address = format!("127.0.0.1:{}", free_port());
         std::fs::write(
             dir.path().join("actioner.yaml"),

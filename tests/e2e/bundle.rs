@@ -41,7 +41,7 @@ fn the_shipped_alertmanager_config_routes_to_the_actioner_and_inhibits() {
     let dir = tempfile::tempdir().unwrap();
     let ntfy = FakeNtfy::start();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    aistack_tests::write_secret(&token_file, format!("{TOKEN}\n"));
     let config = dir.path().join("actioner.yaml");
     std::fs::write(
         &config,
@@ -292,7 +292,7 @@ fn run_in_root(program: &str, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn the_shipped_configs_pass_check_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("actioner.token"), format!("{TOKEN}\n")).unwrap();
+    aistack_tests::write_secret(dir.path().join("actioner.token"), format!("{TOKEN}\n"));
     for (binary_name, path) in [
         ("aistack-exporter", "compose/config/exporter.yaml"),
         ("aistack-exporter", "k8s/base/config/exporter.yaml"),

@@ -117,7 +117,7 @@ fn sigkill_at_random_points_never_runs_an_action_twice_nor_loses_an_answered_ale
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
     let targets: String = (0..ALERTS)
         .map(|i| {
             format!(

@@ -155,7 +155,7 @@ fn every_dashboard_query_runs_and_returns_data_where_the_data_exists() {
 
     // The actioner, which notifies once.
     let ntfy = FakeNtfy::start();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
     let actioner_config = dir.path().join("actioner.yaml");
     std::fs::write(
         &actioner_config,

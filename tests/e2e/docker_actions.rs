@@ -5,21 +5,19 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aistack_tests::stub::StubServer;
+use aistack_tests::stub::{StubServer, gpu_report};
 use aistack_tests::{
     Container, Daemon, Image, binary, docker, free_port, get_with_token, post_json, wait_for,
 };
 
 const TOKEN: &str = "0123456789abcdef";
-const WORKLOAD: &str =
-    "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"NVIDIA GeForce RTX 4090\"}";
 
 fn running(name: &str) -> bool {
     docker(&["inspect", "--format", "{{.State.Running}}", name]) == "true"
 }
 
 fn actioner(dir: &std::path::Path, exporter: &str, actions: &str, rules: &str) -> Daemon {
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    aistack_tests::write_secret(dir.join("token"), TOKEN);
     let config = dir.join("actioner.yaml");
     std::fs::write(
         &config,
@@ -73,7 +71,7 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
         &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
     );
     let exporter = StubServer::start();
-    exporter.set("/metrics", 200, &format!("{WORKLOAD} 1.0\n"));
+    exporter.set("/api/v1/gpu", 200, &gpu_report(true));
     let dir = tempfile::tempdir().unwrap();
     let actions = format!(
         "  failover:\n    platform: docker\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 20s\n",
@@ -140,13 +138,13 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
         skipped["detail"]
             .as_str()
             .unwrap()
-            .contains("host workload still holds a GPU"),
+            .contains("host workload still holds GPU 0 (steam)"),
         "{skipped}"
     );
     assert!(!running(&vllm.name));
 
     // The game ends: failback brings vLLM back once it answers.
-    exporter.set("/metrics", 200, &format!("{WORKLOAD} 0.0\n"));
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
     let started = Instant::now();
     let back = trigger(&actioner, "failback", "{}");
     assert_eq!(back["status"], "succeeded", "{back}");
@@ -193,7 +191,7 @@ fn a_primary_that_never_answers_leaves_the_fallback_serving() {
         &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
     );
     let exporter = StubServer::start();
-    exporter.set("/metrics", 200, &format!("{WORKLOAD} 0.0\n"));
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
     let dir = tempfile::tempdir().unwrap();
     let actions = format!(
         "  failover:\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 3s\n",

@@ -8,15 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aistack_tests::kubernetes::{FakeKubernetes, Pods, Recorded};
-use aistack_tests::stub::StubServer;
+use aistack_tests::stub::{StubServer, gpu_report};
 use aistack_tests::{Daemon, binary, get_with_token, post_json, wait_for, workspace_root};
 use serde_json::json;
 
 const TOKEN: &str = "0123456789abcdef";
-const IDLE_GPU: &str =
-    "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"RTX 4090\"} 0\n";
-const GAMING: &str =
-    "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"RTX 4090\"} 1\n";
 
 struct Setup {
     api: FakeKubernetes,
@@ -37,8 +33,8 @@ fn start_with(api: FakeKubernetes, kubeconfig: &std::path::Path, fallback_timeou
     let ollama = StubServer::start();
     ollama.set("/api/tags", 200, r#"{"models":[]}"#);
     let exporter = StubServer::start();
-    exporter.set("/metrics", 200, IDLE_GPU);
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
     let config = dir.path().join("actioner.yaml");
     std::fs::write(
         &config,
@@ -293,13 +289,13 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_through_the_api_server() {
     assert_eq!(setup.api.patches().len(), patches);
 
     // The game still holds the GPU: failback waits for the next resolution.
-    setup.exporter.set("/metrics", 200, GAMING);
+    setup.exporter.set("/api/v1/gpu", 200, &gpu_report(true));
     let early = trigger(&setup, "failback", "{}");
     assert_eq!(early["status"], "skipped", "{early}");
     assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 0);
 
     // The game ends: the alert resolves, vLLM comes back with its replicas, then the Service.
-    setup.exporter.set("/metrics", 200, IDLE_GPU);
+    setup.exporter.set("/api/v1/gpu", 200, &gpu_report(false));
     let resolved = Instant::now();
     webhook(&setup, "resolved", "2026-11-22T23:00:00Z");
     let end = wait_for_end(&setup, "failback");

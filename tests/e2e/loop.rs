@@ -232,8 +232,8 @@ impl Stack {
         let exporter = Daemon::start_with(command, &args);
 
         // The actioner: this host is 127.0.0.1, as the exporter's `instance` says.
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-        std::fs::write(dir.path().join("wake.key"), WAKE_KEY).unwrap();
+        aistack_tests::write_secret(dir.path().join("token"), TOKEN);
+        aistack_tests::write_secret(dir.path().join("wake.key"), WAKE_KEY);
         let repair = options
             .repair
             .iter()

@@ -25,7 +25,7 @@ fn start(mode: &str) -> Setup {
     let exporter = StubServer::start();
     exporter.set("/api/v1/idle", 200, READY);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
     let config = dir.path().join("actioner.yaml");
     std::fs::write(
         &config,

@@ -66,6 +66,14 @@ pub fn copy_tree(src: &Path, dst: &Path) {
     }
 }
 
+/// Writes a secret file as the actioner wants it: readable by its owner only.
+pub fn write_secret(path: impl AsRef<Path>, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = path.as_ref();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// Serves `app` on a loopback port from a thread of its own (the stand-ins: ntfy, the
 /// Kubernetes API, the HTTP stubs), for the rest of the test process; returns its base URL.
 pub fn serve(app: axum::Router) -> String {

@@ -70,3 +70,12 @@ impl StubServer {
             .unwrap_or(0)
     }
 }
+
+/// What the exporter's `GET /api/v1/gpu` answers for one GPU, with or without a game on it
+/// (the shape of `aistack_common::api::GpuReport`).
+pub fn gpu_report(game: bool) -> String {
+    let processes = if game { r#"["steam"]"# } else { "[]" };
+    format!(
+        r#"{{"nvml_up":true,"sample_age_s":0.4,"gpus":[{{"gpu":0,"uuid":"GPU-1","name":"NVIDIA GeForce RTX 4090","host_workload_active":{game},"host_workload_processes":{processes}}}]}}"#
+    )
+}

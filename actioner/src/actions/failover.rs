@@ -3,8 +3,10 @@
 //!
 //! On Docker: failover stops the primary container (its VRAM is freed), starts the fallback if
 //! it is not running and waits for `fallback_health_url`; failback re-checks that no host
-//! workload holds the GPU (the exporter's `aistack_gpu_host_workload_active`), starts the
-//! primary and waits for `primary_health_url` — and if it does not answer within
+//! workload holds the GPU — positive evidence only: the exporter's `GET /api/v1/gpu` answers,
+//! NVML is up, the sample is fresh, and no GPU has host workload (a manual trigger may say
+//! `"force": true`) — starts the primary and waits for `primary_health_url` — and if it does
+//! not answer within
 //! `primary_timeout`, stops it again and stays on the fallback. Both are idempotent: failing
 //! over while on the fallback (or back while on the primary) changes nothing and says so.
 //!
@@ -18,52 +20,204 @@
 //! Service back; if the primary does not come up within `primary_timeout`, it is scaled to 0
 //! again and the Service stays on the fallback.
 //!
+//! Containers are looked up by their exact name and then acted on by the id the engine
+//! returned, never by a name the engine might resolve as an id prefix. Failover and failback
+//! never run at once: the executor gives both one lane, so a resolution that arrives during a
+//! failover is decided after it ends, against the state it left.
+//!
 //! The current backend is kept in the journal (see `GET /api/v1/state`).
 
 use std::time::{Duration, Instant};
 
+use aistack_common::api::{GPU_PATH, GpuReport};
+use aistack_common::config::{HumanDuration, Problems, check_http_url};
 use futures_util::future::BoxFuture;
+use serde::Deserialize;
 
-use super::{Action, ActionError, Job};
-use crate::config::{ActionKind, FailoverConfig, KubernetesFailover, Platform};
+use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
 use crate::docker::DockerControl;
 use crate::kubernetes::{KubeControl, REPLICAS_BEFORE_FAILOVER};
+use crate::poll;
+use crate::vocab::ActionKind;
 
-/// Polls `url` until it answers 2xx, for up to `timeout`.
+/// `actions.failover`: where the two inference services run, how to tell they serve.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "FailoverFile")]
+pub struct FailoverConfig {
+    /// The platform and its settings.
+    pub platform: Platform,
+    /// Health URL of the primary (vLLM), checked before failing back.
+    pub primary_health_url: String,
+    /// Health URL of the fallback (Ollama), checked after failing over.
+    pub fallback_health_url: String,
+    /// How long the fallback may take to answer after failing over (default 2m).
+    pub fallback_timeout: HumanDuration,
+    /// How long the primary may take to load its model and answer after failing back
+    /// (default 15m); past it the fallback stays.
+    pub primary_timeout: HumanDuration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverFile::default().into()
+    }
+}
+
+/// Where the inference services run, with that platform's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Platform {
+    /// Containers on this host's Docker engine.
+    Docker(DockerFailover),
+    /// Deployments and a Service in a Kubernetes cluster.
+    Kubernetes(KubernetesFailover),
+    /// `platform` names one whose section is missing: failover and failback are unavailable
+    /// (check-config says so when a rule or button uses them).
+    Unconfigured(PlatformKind),
+}
+
+/// The `platform` key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformKind {
+    /// The Docker engine on this host.
+    #[default]
+    Docker,
+    /// A Kubernetes cluster.
+    Kubernetes,
+}
+
+impl PlatformKind {
+    /// The key of its section.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// `actions.failover.docker`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerFailover {
+    /// Primary container name.
+    pub primary: String,
+    /// Fallback container name.
+    pub fallback: String,
+}
+
+/// `actions.failover.kubernetes`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesFailover {
+    /// Namespace of both Deployments and the Service.
+    pub namespace: String,
+    /// Primary Deployment.
+    pub primary: String,
+    /// Fallback Deployment.
+    pub fallback: String,
+    /// The Service clients use, re-pointed between the two.
+    pub service: String,
+}
+
+/// `actions.failover` as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FailoverFile {
+    platform: PlatformKind,
+    docker: Option<DockerFailover>,
+    kubernetes: Option<KubernetesFailover>,
+    primary_health_url: String,
+    fallback_health_url: String,
+    fallback_timeout: HumanDuration,
+    primary_timeout: HumanDuration,
+}
+
+impl Default for FailoverFile {
+    fn default() -> Self {
+        Self {
+            platform: PlatformKind::Docker,
+            docker: None,
+            kubernetes: None,
+            primary_health_url: "http://127.0.0.1:8000/health".into(),
+            fallback_health_url: "http://127.0.0.1:11434/api/tags".into(),
+            fallback_timeout: HumanDuration::from_secs(120),
+            primary_timeout: HumanDuration::from_secs(900),
+        }
+    }
+}
+
+impl From<FailoverFile> for FailoverConfig {
+    fn from(file: FailoverFile) -> Self {
+        let platform = match (file.platform, file.docker, file.kubernetes) {
+            (PlatformKind::Docker, Some(docker), _) => Platform::Docker(docker),
+            (PlatformKind::Kubernetes, _, Some(kubernetes)) => Platform::Kubernetes(kubernetes),
+            (kind, _, _) => Platform::Unconfigured(kind),
+        };
+        Self {
+            platform,
+            primary_health_url: file.primary_health_url,
+            fallback_health_url: file.fallback_health_url,
+            fallback_timeout: file.fallback_timeout,
+            primary_timeout: file.primary_timeout,
+        }
+    }
+}
+
+impl FailoverConfig {
+    /// Problems with the URLs and the two services (paths under `actions.failover`).
+    pub fn validate(&self, problems: &mut Problems) {
+        check_http_url(
+            problems,
+            "actions.failover.primary_health_url",
+            &self.primary_health_url,
+        );
+        check_http_url(
+            problems,
+            "actions.failover.fallback_health_url",
+            &self.fallback_health_url,
+        );
+        let (key, same) = match &self.platform {
+            Platform::Docker(d) => ("docker", d.primary == d.fallback),
+            Platform::Kubernetes(k) => ("kubernetes", k.primary == k.fallback),
+            Platform::Unconfigured(_) => return,
+        };
+        problems.check(
+            !same,
+            format!("actions.failover.{key}.fallback"),
+            "must differ from primary",
+        );
+    }
+
+    /// `None` when failover can run; otherwise the section it needs.
+    pub fn missing_section(&self) -> Option<&'static str> {
+        match self.platform {
+            Platform::Unconfigured(kind) => Some(kind.key()),
+            _ => None,
+        }
+    }
+}
+
+/// GETs `url` until it answers 2xx, for up to `timeout`.
 pub async fn wait_http(
     client: &reqwest::Client,
     url: &str,
     timeout: Duration,
 ) -> Result<Duration, String> {
-    let started = Instant::now();
-    let mut last = String::from("no answer");
-    while started.elapsed() < timeout {
+    let probed = poll::until(timeout, Duration::from_millis(500), || async {
         match client.get(url).send().await {
-            Ok(r) if r.status().is_success() => return Ok(started.elapsed()),
-            Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
-            Err(e) => {
-                last = if e.is_connect() {
-                    "connection refused".into()
-                } else {
-                    e.to_string()
-                }
-            }
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
+            Err(e) if e.is_connect() => Err("connection refused".to_owned()),
+            Err(e) => Err(e.to_string()),
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(format!(
-        "{url} did not answer within {}s ({last})",
-        timeout.as_secs()
-    ))
-}
-
-/// Whether the exporter's metrics show host workload on any GPU.
-pub fn host_workload_active(metrics: &str) -> bool {
-    metrics.lines().any(|l| {
-        l.starts_with("aistack_gpu_host_workload_active{")
-            && l.rsplit(' ')
-                .next()
-                .is_some_and(|v| v.parse::<f64>().is_ok_and(|v| v >= 1.0))
+    })
+    .await;
+    probed.map(|((), took)| took).map_err(|last| {
+        format!(
+            "{url} did not answer within {}s ({last})",
+            timeout.as_secs()
+        )
     })
 }
 
@@ -74,74 +228,65 @@ pub struct Failover {
     config: FailoverConfig,
     docker: DockerControl,
     kube: KubeControl,
-    exporter_metrics: String,
+    exporter_gpu: String,
     client: reqwest::Client,
 }
 
 impl Failover {
-    /// `failover` (`to_fallback`) or `failback`, as configured.
+    /// `failover` (`to_fallback`) or `failback`, as configured; `None` when the platform's
+    /// section is missing.
     pub fn new(
         to_fallback: bool,
         config: &FailoverConfig,
         docker: DockerControl,
         kube: KubeControl,
         exporter_url: &str,
-    ) -> Result<Self, String> {
-        aistack_common::install_tls_provider();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
+    ) -> Result<Option<Self>, SetupError> {
+        if config.missing_section().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
             to_fallback,
             config: config.clone(),
             docker,
             kube,
-            exporter_metrics: format!("{}/metrics", exporter_url.trim_end_matches('/')),
-            client,
-        })
-    }
-
-    fn containers(&self) -> Result<(&str, &str), ActionError> {
-        match (self.config.platform, &self.config.docker) {
-            (Platform::Docker, Some(d)) => Ok((&d.primary, &d.fallback)),
-            (Platform::Docker, None) => Err(ActionError::Failed(
-                "actions.failover.docker is not configured".into(),
-            )),
-            (Platform::Kubernetes, _) => Err(ActionError::Failed(
-                "actions.failover.platform is kubernetes, not docker".into(),
-            )),
-        }
-    }
-
-    fn deployments(&self) -> Result<&KubernetesFailover, ActionError> {
-        self.config.kubernetes.as_ref().ok_or_else(|| {
-            ActionError::Failed("actions.failover.kubernetes is not configured".into())
-        })
+            exporter_gpu: format!("{}{GPU_PATH}", exporter_url.trim_end_matches('/')),
+            client: http_client(Duration::from_secs(2), Duration::from_secs(5))?,
+        }))
     }
 
     async fn failover(&self) -> Result<String, ActionError> {
-        match self.config.platform {
-            Platform::Docker => self.failover_docker().await,
-            Platform::Kubernetes => self.failover_kubernetes().await,
+        match &self.config.platform {
+            Platform::Docker(d) => self.failover_docker(d).await,
+            Platform::Kubernetes(k) => self.failover_kubernetes(k).await,
+            Platform::Unconfigured(kind) => Err(unconfigured(*kind)),
         }
     }
 
-    async fn failback(&self) -> Result<String, ActionError> {
-        self.gpu_is_free().await?;
-        match self.config.platform {
-            Platform::Docker => self.failback_docker().await,
-            Platform::Kubernetes => self.failback_kubernetes().await,
+    async fn failback(&self, force: bool) -> Result<String, ActionError> {
+        if !force {
+            self.gpu_is_free().await?;
         }
+        let done = match &self.config.platform {
+            Platform::Docker(d) => self.failback_docker(d).await,
+            Platform::Kubernetes(k) => self.failback_kubernetes(k).await,
+            Platform::Unconfigured(kind) => Err(unconfigured(*kind)),
+        }?;
+        Ok(if force {
+            format!("{done} (forced: the GPU check was skipped)")
+        } else {
+            done
+        })
     }
 
-    async fn failover_docker(&self) -> Result<String, ActionError> {
-        let (primary, fallback) = self.containers()?;
-        let failed = ActionError::Failed;
-        let p = self.docker.inspect(primary).await.map_err(failed)?;
-        let f = self.docker.inspect(fallback).await.map_err(failed)?;
-        let f = f.ok_or_else(|| ActionError::Failed(format!("no container named {fallback}")))?;
+    async fn failover_docker(&self, d: &DockerFailover) -> Result<String, ActionError> {
+        let (primary, fallback) = (d.primary.as_str(), d.fallback.as_str());
+        let p = self.docker.inspect(primary).await?;
+        let f = self
+            .docker
+            .inspect(fallback)
+            .await?
+            .ok_or_else(|| ActionError::Failed(format!("no container named {fallback}")))?;
         if !p.as_ref().is_some_and(|p| p.running) && f.running {
             return Ok(format!(
                 "already on the fallback: {primary} stopped, {fallback} running"
@@ -149,12 +294,9 @@ impl Failover {
         }
         let started = Instant::now();
         if let Some(p) = p.filter(|p| p.running) {
-            self.docker
-                .stop(primary, p.stop_timeout)
-                .await
-                .map_err(failed)?;
+            self.docker.stop(&p).await?;
         }
-        self.docker.start(fallback).await.map_err(failed)?;
+        self.docker.start(&f).await?;
         wait_http(
             &self.client,
             &self.config.fallback_health_url,
@@ -172,41 +314,37 @@ impl Failover {
         ))
     }
 
-    /// Failback's re-check: the exporter shows no host workload on any GPU.
+    /// Failback's re-check: the exporter shows, positively, that no host workload holds a GPU.
     async fn gpu_is_free(&self) -> Result<(), ActionError> {
-        let metrics = self
+        let gone = |why: String| {
+            ActionError::ConditionGone(format!("cannot confirm the GPU is free: {why}"))
+        };
+        let response = self
             .client
-            .get(&self.exporter_metrics)
+            .get(&self.exporter_gpu)
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| {
-                ActionError::ConditionGone(format!(
-                    "cannot confirm the GPU is free ({}): {e}",
-                    self.exporter_metrics
-                ))
-            })?
-            .text()
+            .map_err(|e| gone(format!("{} ({e})", self.exporter_gpu)))?;
+        let report: GpuReport = response
+            .json()
             .await
-            .map_err(|e| {
-                ActionError::ConditionGone(format!("cannot confirm the GPU is free: {e}"))
-            })?;
-        if host_workload_active(&metrics) {
-            return Err(ActionError::ConditionGone(
-                "host workload still holds a GPU".into(),
-            ));
-        }
-        Ok(())
+            .map_err(|e| gone(format!("unexpected answer from {}: {e}", self.exporter_gpu)))?;
+        report.confirm_free().map_err(|why| {
+            if why.starts_with("host workload") {
+                ActionError::ConditionGone(why)
+            } else {
+                gone(why)
+            }
+        })
     }
 
-    async fn failback_docker(&self) -> Result<String, ActionError> {
-        let (primary, _) = self.containers()?;
-        let failed = ActionError::Failed;
+    async fn failback_docker(&self, d: &DockerFailover) -> Result<String, ActionError> {
+        let primary = d.primary.as_str();
         let p = self
             .docker
             .inspect(primary)
-            .await
-            .map_err(failed)?
+            .await?
             .ok_or_else(|| ActionError::Failed(format!("no container named {primary}")))?;
         let timeout: Duration = self.config.primary_timeout.into();
         if p.running
@@ -222,7 +360,7 @@ impl Failover {
                 "already on the primary: {primary} running and healthy"
             ));
         }
-        self.docker.start(primary).await.map_err(failed)?;
+        self.docker.start(&p).await?;
         match wait_http(&self.client, &self.config.primary_health_url, timeout).await {
             Ok(took) => Ok(format!(
                 "{primary} serving again after {:.1}s",
@@ -230,7 +368,7 @@ impl Failover {
             )),
             Err(why) => {
                 // Half-loaded, it would hold VRAM for nothing: stop it and stay on the fallback.
-                let _ = self.docker.stop(primary, p.stop_timeout).await;
+                let _ = self.docker.stop(&p).await;
                 Err(ActionError::Failed(format!(
                     "staying on the fallback: {why}"
                 )))
@@ -239,21 +377,16 @@ impl Failover {
     }
 }
 
+fn unconfigured(kind: PlatformKind) -> ActionError {
+    ActionError::Failed(format!("actions.failover.{} is not configured", kind.key()))
+}
+
 impl Failover {
-    async fn failover_kubernetes(&self) -> Result<String, ActionError> {
-        let k = self.deployments()?;
-        let (ns, failed) = (k.namespace.as_str(), ActionError::Failed);
-        let p = self.kube.deployment(ns, &k.primary).await.map_err(failed)?;
-        let f = self
-            .kube
-            .deployment(ns, &k.fallback)
-            .await
-            .map_err(failed)?;
-        let selector = self
-            .kube
-            .service_selector(ns, &k.service)
-            .await
-            .map_err(failed)?;
+    async fn failover_kubernetes(&self, k: &KubernetesFailover) -> Result<String, ActionError> {
+        let ns = k.namespace.as_str();
+        let p = self.kube.deployment(ns, &k.primary).await?;
+        let f = self.kube.deployment(ns, &k.fallback).await?;
+        let selector = self.kube.service_selector(ns, &k.service).await?;
         if p.scaled_down() && f.available >= 1 && selector == f.selector {
             return Ok(format!(
                 "already on the fallback: {} scaled to 0, {} {}, Service {} on it",
@@ -270,9 +403,8 @@ impl Failover {
             let replicas = p.replicas.to_string();
             self.kube
                 .annotate(ns, &k.primary, REPLICAS_BEFORE_FAILOVER, Some(&replicas))
-                .await
-                .map_err(failed)?;
-            self.kube.scale(ns, &k.primary, 0).await.map_err(failed)?;
+                .await?;
+            self.kube.scale(ns, &k.primary, 0).await?;
         }
         self.kube
             .wait_for(ns, &k.primary, timeout, |d| d.scaled_down())
@@ -281,7 +413,7 @@ impl Failover {
                 ActionError::Failed(format!("{} did not scale down: {why}", k.primary))
             })?;
         if f.replicas == 0 {
-            self.kube.scale(ns, &k.fallback, 1).await.map_err(failed)?;
+            self.kube.scale(ns, &k.fallback, 1).await?;
         }
         let left = timeout.saturating_sub(started.elapsed());
         let serving = match self
@@ -307,14 +439,14 @@ impl Failover {
         if let Err(why) = serving {
             let service = match repointed {
                 Ok(()) => format!("Service {} on {}", k.service, k.fallback),
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             return Err(ActionError::Failed(format!(
                 "{} scaled to 0, but {why}; {service}",
                 k.primary
             )));
         }
-        repointed.map_err(failed)?;
+        repointed?;
         Ok(format!(
             "{} scaled to 0 (VRAM freed), {} serving, Service {} on it, in {:.1}s",
             k.primary,
@@ -324,15 +456,10 @@ impl Failover {
         ))
     }
 
-    async fn failback_kubernetes(&self) -> Result<String, ActionError> {
-        let k = self.deployments()?;
-        let (ns, failed) = (k.namespace.as_str(), ActionError::Failed);
-        let p = self.kube.deployment(ns, &k.primary).await.map_err(failed)?;
-        let selector = self
-            .kube
-            .service_selector(ns, &k.service)
-            .await
-            .map_err(failed)?;
+    async fn failback_kubernetes(&self, k: &KubernetesFailover) -> Result<String, ActionError> {
+        let ns = k.namespace.as_str();
+        let p = self.kube.deployment(ns, &k.primary).await?;
+        let selector = self.kube.service_selector(ns, &k.service).await?;
         if p.replicas > 0 && p.available >= 1 && selector == p.selector {
             return Ok(format!(
                 "already on the primary: {} {}, Service {} on it",
@@ -350,10 +477,7 @@ impl Failover {
             .filter(|r| *r > 0)
             .unwrap_or(1);
         if p.replicas == 0 {
-            self.kube
-                .scale(ns, &k.primary, replicas)
-                .await
-                .map_err(failed)?;
+            self.kube.scale(ns, &k.primary, replicas).await?;
         }
         let ready = self
             .kube
@@ -361,7 +485,7 @@ impl Failover {
                 d.observed() && d.available >= 1
             })
             .await
-            .map_err(|(why, _)| why);
+            .map_err(|(why, _)| why.to_string());
         let healthy = match ready {
             Ok(_) => {
                 let left = timeout.saturating_sub(started.elapsed());
@@ -378,12 +502,10 @@ impl Failover {
         }
         self.kube
             .set_service_selector(ns, &k.service, &selector, &p.selector)
-            .await
-            .map_err(failed)?;
+            .await?;
         self.kube
             .annotate(ns, &k.primary, REPLICAS_BEFORE_FAILOVER, None)
-            .await
-            .map_err(failed)?;
+            .await?;
         Ok(format!(
             "{} serving again ({} replicas), Service {} on it, after {:.1}s",
             k.primary,
@@ -412,59 +534,49 @@ impl Action for Failover {
         wait + Duration::from_secs(120)
     }
 
-    fn describe(&self, _job: &Job) -> String {
-        if self.config.platform == Platform::Kubernetes {
-            return match (self.deployments(), self.to_fallback) {
-                (Ok(k), true) => format!(
-                    "would scale {ns}/{} to 0, make sure {ns}/{} has a ready replica and answers {}, and point Service {ns}/{} at it",
-                    k.primary,
-                    k.fallback,
-                    self.config.fallback_health_url,
-                    k.service,
-                    ns = k.namespace
-                ),
-                (Ok(k), false) => format!(
-                    "would check {} for host workload, scale {ns}/{} back up, wait for {} and point Service {ns}/{} at it",
-                    self.exporter_metrics,
-                    k.primary,
-                    self.config.primary_health_url,
-                    k.service,
-                    ns = k.namespace
-                ),
-                (Err(e), _) => format!("would fail: {e}"),
-            };
-        }
-        match (self.containers(), self.to_fallback) {
-            (Ok((p, f)), true) => format!(
-                "would stop {p}, start {f} and wait for {}",
-                self.config.fallback_health_url
+    fn describe(&self, job: &Job) -> String {
+        let check = if job.force {
+            "skip the GPU check (forced)".to_owned()
+        } else {
+            format!("check {} for host workload", self.exporter_gpu)
+        };
+        match (&self.config.platform, self.to_fallback) {
+            (Platform::Kubernetes(k), true) => format!(
+                "would scale {ns}/{} to 0, make sure {ns}/{} has a ready replica and answers {}, and point Service {ns}/{} at it",
+                k.primary,
+                k.fallback,
+                self.config.fallback_health_url,
+                k.service,
+                ns = k.namespace
             ),
-            (Ok((p, _)), false) => format!(
-                "would check {} for host workload, start {p} and wait for {}",
-                self.exporter_metrics, self.config.primary_health_url
+            (Platform::Kubernetes(k), false) => format!(
+                "would {check}, scale {ns}/{} back up, wait for {} and point Service {ns}/{} at it",
+                k.primary,
+                self.config.primary_health_url,
+                k.service,
+                ns = k.namespace
             ),
-            (Err(e), _) => format!("would fail: {e}"),
+            (Platform::Docker(d), true) => format!(
+                "would stop {}, start {} and wait for {}",
+                d.primary, d.fallback, self.config.fallback_health_url
+            ),
+            (Platform::Docker(d), false) => format!(
+                "would {check}, start {} and wait for {}",
+                d.primary, self.config.primary_health_url
+            ),
+            (Platform::Unconfigured(kind), _) => format!("would fail: {}", unconfigured(*kind)),
         }
     }
 
-    fn run<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>> {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        _context: &'a RunContext,
+    ) -> BoxFuture<'a, Result<String, ActionError>> {
         if self.to_fallback {
             Box::pin(self.failover())
         } else {
-            Box::pin(self.failback())
+            Box::pin(self.failback(job.force))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_workload_from_exporter_metrics() {
-        let busy = "aistack_gpu_host_workload_active{gpu=\"0\",uuid=\"GPU-1\",name=\"RTX\"} 1.0\naistack_gpu_host_workload_active{gpu=\"1\",uuid=\"GPU-2\",name=\"RTX\"} 0.0\n";
-        assert!(host_workload_active(busy));
-        assert!(!host_workload_active(&busy.replace(" 1.0", " 0.0")));
-        assert!(!host_workload_active("aistack_nvml_up 0\n"));
     }
 }

@@ -1,6 +1,6 @@
-//! The actions, one module each, behind the [`Action`] trait. The executor calls them; HTTP
-//! handlers never do. Every action has a dry-run description and re-checks its condition when
-//! it runs.
+//! The actions, one module each, behind the [`Action`] trait, each with its own config. The
+//! executor calls them; HTTP handlers never do. Every action has a dry-run description and
+//! re-checks its condition when it runs.
 
 pub mod failover;
 pub mod notify;
@@ -16,9 +16,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::alert::Alert;
-use crate::buttons::Buttons;
-use crate::config::{ActionKind, MacAddress};
-use crate::rules::Plan;
+use crate::journal::AlertRef;
+use crate::vocab::{ActionKind, AwakeStamp, MacAddress, Plan, RunKey};
 
 /// An explicit wake request of the relay (`{"mac": ..., "broadcast": ..., "port": ...}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +36,26 @@ pub struct RawWake {
 #[derive(Debug, Clone)]
 pub struct Job {
     /// The journal key of this run.
-    pub key: String,
+    pub key: RunKey,
     /// What to do.
     pub plan: Plan,
-    /// The alert that caused it; `None` for manual triggers.
-    pub alert: Option<Alert>,
+    /// The alert that caused it, whole (for notify); `None` for runs a person asked for.
+    pub alert: Option<Arc<Alert>>,
+    /// The alert as the journal names it (kept for a deferred failback too).
+    pub alert_ref: Option<AlertRef>,
     /// Alertmanager's URL, for links.
-    pub external_url: String,
+    pub external_url: Arc<str>,
     /// The relay's explicit wake request, if that is what this is.
     pub raw_wake: Option<RawWake>,
+    /// A manual failback that skips the GPU check (`"force": true`).
+    pub force: bool,
+}
+
+/// What the executor knows when a run begins, from the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct RunContext {
+    /// Where the host stood when a suspend last started before this run.
+    pub last_suspend: Option<AwakeStamp>,
 }
 
 /// Why a run did not succeed.
@@ -57,6 +67,18 @@ pub enum ActionError {
     /// It was tried and failed.
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<crate::docker::DockerError> for ActionError {
+    fn from(err: crate::docker::DockerError) -> Self {
+        Self::Failed(err.to_string())
+    }
+}
+
+impl From<crate::kubernetes::KubeError> for ActionError {
+    fn from(err: crate::kubernetes::KubeError) -> Self {
+        Self::Failed(err.to_string())
+    }
 }
 
 /// One kind of action.
@@ -76,14 +98,40 @@ pub trait Action: Send + Sync + 'static {
     fn describe(&self, job: &Job) -> String;
 
     /// Does it; `Ok` says what was done.
-    fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>>;
-
-    /// The buttons this action signs onto its messages, whose presses the API then checks
-    /// (notify, when `actions.notify.buttons` is set).
-    fn buttons(&self) -> Option<Arc<Buttons>> {
-        None
-    }
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        context: &'a RunContext,
+    ) -> BoxFuture<'a, Result<String, ActionError>>;
 }
 
 /// The actions this actioner can run, by kind.
 pub type Actions = HashMap<ActionKind, Arc<dyn Action>>;
+
+/// Why an action could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Its HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// A secret file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Secret {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A pattern (checked by check-config first).
+    #[error("invalid pattern: {0}")]
+    Pattern(#[from] regex::Error),
+}
+
+/// An HTTP client for re-checks and notifications, with connect and whole-request timeouts.
+pub fn http_client(connect: Duration, total: Duration) -> Result<reqwest::Client, SetupError> {
+    aistack_common::install_tls_provider();
+    Ok(reqwest::Client::builder()
+        .connect_timeout(connect)
+        .timeout(total)
+        .build()?)
+}

@@ -9,17 +9,138 @@
 //! 429 and 5xx answers and network errors with backoff (1 s, 2 s, 4 s) within its timeout, and
 //! a failure is journaled like any other.
 
+pub mod buttons;
+
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use aistack_common::config::{HumanDuration, Problems, check_http_url};
 use futures_util::future::BoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionError, Job};
+use self::buttons::{Buttons, NtfyAction};
+use super::{Action, ActionError, Job, RunContext, SetupError};
 use crate::alert::{Alert, AlertStatus};
-use crate::buttons::{Buttons, NtfyAction};
-use crate::config::{ActionKind, NtfyConfig};
+use crate::vocab::ActionKind;
+
+/// `actions.notify`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// ntfy settings; without them, notify is unavailable.
+    pub ntfy: Option<NtfyConfig>,
+    /// Buttons on notifications that call back into this actioner; none without this.
+    pub buttons: Option<ButtonsConfig>,
+}
+
+/// `actions.notify.ntfy`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NtfyConfig {
+    /// Server base URL (default https://ntfy.sh).
+    #[serde(default = "default_ntfy_url")]
+    pub url: String,
+    /// Topic to publish to.
+    pub topic: String,
+    /// File holding an access token (optional).
+    pub token_file: Option<PathBuf>,
+    /// ntfy priority (1..5) per alert severity.
+    #[serde(default = "default_priorities")]
+    pub priorities: BTreeMap<String, u8>,
+}
+
+fn default_ntfy_url() -> String {
+    "https://ntfy.sh".into()
+}
+
+fn default_priorities() -> BTreeMap<String, u8> {
+    [("critical", 5), ("warning", 4), ("info", 3)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+/// `actions.notify.buttons`: ntfy action buttons, signed links to `POST /api/v1/buttons/{token}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonsConfig {
+    /// This actioner's address as the phones reach it (`https://aistack.home.example`).
+    pub url: String,
+    /// A secret of at least 32 characters that signs the links (`openssl rand -hex 32`).
+    pub key_file: PathBuf,
+    /// How long a button works after its notification was sent (default 12h).
+    #[serde(default = "default_button_ttl")]
+    pub ttl: HumanDuration,
+    /// Which buttons go on which alerts' notifications, in order; ntfy shows at most three.
+    #[serde(default)]
+    pub offer: Vec<ButtonOffer>,
+}
+
+fn default_button_ttl() -> HumanDuration {
+    HumanDuration::from_secs(12 * 3600)
+}
+
+/// `actions.notify.buttons.offer[]`: a button on the firing notifications of matching alerts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonOffer {
+    /// Labels the alert must have, with these exact values.
+    #[serde(default, rename = "match")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Labels whose values must match these regular expressions (anchored).
+    #[serde(default)]
+    pub match_re: BTreeMap<String, String>,
+    /// The button's text; `{target}` is replaced by the target.
+    pub label: String,
+    /// The action a press runs.
+    pub action: ActionKind,
+    /// A fixed target from the action's allowlist.
+    pub target: Option<String>,
+    /// An alert label whose value selects the target from the action's allowlist.
+    pub target_label: Option<String>,
+}
+
+impl NotifyConfig {
+    /// Problems with ntfy's settings and the buttons' own (paths under `actions.notify`);
+    /// the offers are checked with the rules, against the allowlists.
+    pub fn validate(&self, problems: &mut Problems) {
+        if let Some(ntfy) = &self.ntfy {
+            check_http_url(problems, "actions.notify.ntfy.url", &ntfy.url);
+            let topic_ok = !ntfy.topic.is_empty()
+                && ntfy.topic.len() <= 64
+                && ntfy
+                    .topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            problems.check(
+                topic_ok,
+                "actions.notify.ntfy.topic",
+                format!("invalid topic {:?}: 1 to 64 of [A-Za-z0-9_-]", ntfy.topic),
+            );
+            for (severity, priority) in &ntfy.priorities {
+                problems.check(
+                    (1..=5).contains(priority),
+                    format!("actions.notify.ntfy.priorities.{severity}"),
+                    format!("ntfy priorities are 1..5, got {priority}"),
+                );
+            }
+        }
+        let Some(buttons) = &self.buttons else { return };
+        problems.check(
+            self.ntfy.is_some(),
+            "actions.notify.buttons",
+            "buttons go on notifications: they need actions.notify.ntfy",
+        );
+        check_http_url(problems, "actions.notify.buttons.url", &buttons.url);
+        problems.check(
+            (60..=30 * 86_400).contains(&buttons.ttl.0.as_secs()),
+            "actions.notify.buttons.ttl",
+            "must be 1m to 30d",
+        );
+    }
+}
 
 /// ntfy's default message size limit; longer bodies would become attachments.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
@@ -184,20 +305,25 @@ impl Notify {
         config: &NtfyConfig,
         buttons: Option<Arc<Buttons>>,
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let token = config
             .token_file
             .as_deref()
-            .map(|p| std::fs::read_to_string(p).map(|t| t.trim().to_owned()))
-            .transpose()
-            .map_err(|e| format!("reading the ntfy token: {e}"))?;
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|source| SetupError::Secret {
+                        path: path.to_owned(),
+                        source,
+                    })
+            })
+            .transpose()?;
         aistack_common::install_tls_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("aistack-actioner/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         Ok(Self {
             client,
             url: config.url.trim_end_matches('/').to_owned(),
@@ -227,7 +353,7 @@ impl Notify {
                 tags: vec!["bell".into()],
                 markdown: true,
                 click: None,
-                sequence_id: format!("aistack-{}", job.key.replace([':', '|'], "-")),
+                sequence_id: format!("aistack-{}", job.key.as_str().replace([':', '|'], "-")),
                 actions: Vec::new(),
             },
         }
@@ -267,10 +393,6 @@ impl Action for Notify {
         4
     }
 
-    fn buttons(&self) -> Option<Arc<Buttons>> {
-        self.buttons.clone()
-    }
-
     fn describe(&self, job: &Job) -> String {
         let m = self.message(job);
         format!(
@@ -279,7 +401,11 @@ impl Action for Notify {
         )
     }
 
-    fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>> {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        _context: &'a RunContext,
+    ) -> BoxFuture<'a, Result<String, ActionError>> {
         Box::pin(async move {
             let message = self.message(job);
             let mut delay = Duration::from_secs(1);

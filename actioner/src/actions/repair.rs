@@ -15,27 +15,139 @@
 //! waits up to `healthy_timeout` for the rollout to finish. Readiness probes say what healthy
 //! means there, as health checks do on Docker.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
+use aistack_common::config::{HumanDuration, Problems};
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Deserializer};
 
-use super::{Action, ActionError, Job};
-use crate::config::{ActionKind, RepairConfig};
+use super::{Action, ActionError, Job, RunContext};
 use crate::docker::DockerControl;
 use crate::kubernetes::KubeControl;
+use crate::vocab::ActionKind;
 
-/// Repairs containers.
+/// `actions.repair`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairConfig {
+    /// Containers that may be repaired.
+    pub docker: DockerRepair,
+    /// Deployments that may be restarted.
+    pub kubernetes: KubernetesRepair,
+    /// Repairs per target per window before giving up (default 3).
+    pub max_attempts: u32,
+    /// The window (default 1h).
+    pub window: HumanDuration,
+    /// How long a repaired container may take to report healthy before the next step
+    /// (default 2m).
+    pub healthy_timeout: HumanDuration,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        Self {
+            docker: DockerRepair::default(),
+            kubernetes: KubernetesRepair::default(),
+            max_attempts: 3,
+            window: HumanDuration::from_secs(3600),
+            healthy_timeout: HumanDuration::from_secs(120),
+        }
+    }
+}
+
+/// `actions.repair.docker`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerRepair {
+    /// Container names.
+    pub containers: Vec<String>,
+}
+
+/// `actions.repair.kubernetes`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesRepair {
+    /// `namespace/name` of each Deployment.
+    pub deployments: Vec<DeploymentRef>,
+}
+
+/// A Deployment, written `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeploymentRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl FromStr for DeploymentRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(format!("expected namespace/name, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for DeploymentRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeploymentRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl RepairConfig {
+    /// Problems with the budget (paths under `actions.repair`).
+    pub fn validate(&self, problems: &mut Problems) {
+        problems.check(
+            self.max_attempts >= 1,
+            "actions.repair.max_attempts",
+            "must be at least 1",
+        );
+        problems.check(
+            !self.window.0.is_zero(),
+            "actions.repair.window",
+            "must be more than 0",
+        );
+    }
+
+    /// Every target repairs may name: the containers, and the Deployments as `namespace/name`.
+    pub fn targets(&self) -> impl Iterator<Item = String> + '_ {
+        self.docker
+            .containers
+            .iter()
+            .cloned()
+            .chain(self.kubernetes.deployments.iter().map(ToString::to_string))
+    }
+}
+
+/// Repairs containers and Deployments.
 #[derive(Debug)]
 pub struct Repair {
     docker: DockerControl,
     kube: KubeControl,
     containers: Vec<String>,
-    deployments: Vec<String>,
+    deployments: Vec<DeploymentRef>,
     healthy_timeout: Duration,
 }
 
 impl Repair {
-    /// Repairs the allowlisted containers of `config`.
+    /// Repairs the allowlisted containers and Deployments of `config`.
     pub fn new(config: &RepairConfig, docker: DockerControl, kube: KubeControl) -> Self {
         Self {
             docker,
@@ -46,21 +158,23 @@ impl Repair {
         }
     }
 
+    fn deployment(&self, target: &str) -> Option<&DeploymentRef> {
+        self.deployments.iter().find(|d| d.to_string() == target)
+    }
+
     async fn repair(&self, name: &str) -> Result<String, ActionError> {
-        if self.deployments.iter().any(|d| d == name) {
-            return self.restart_deployment(name).await;
+        if let Some(deployment) = self.deployment(name) {
+            return self.restart_deployment(deployment).await;
         }
         if !self.containers.iter().any(|c| c == name) {
             return Err(ActionError::Failed(format!(
                 "{name} is neither a docker container nor a kubernetes deployment of actions.repair"
             )));
         }
-        let failed = ActionError::Failed;
         let view = self
             .docker
             .inspect(name)
-            .await
-            .map_err(failed)?
+            .await?
             .ok_or_else(|| ActionError::Failed(format!("no container named {name}")))?;
         if !view.running {
             return Err(ActionError::ConditionGone(format!(
@@ -78,20 +192,17 @@ impl Repair {
                 view.health
             )));
         }
-        self.docker
-            .restart(name, view.stop_timeout)
-            .await
-            .map_err(failed)?;
-        if let Ok(took) = self.docker.wait_healthy(name, self.healthy_timeout).await {
+        self.docker.restart(&view).await?;
+        if let Ok(took) = self.docker.wait_healthy(&view, self.healthy_timeout).await {
             return Ok(format!(
                 "restarted {name}; healthy after {:.1}s",
                 took.as_secs_f64()
             ));
         }
-        self.docker.recreate(name).await.map_err(|why| {
+        self.docker.recreate(&view).await.map_err(|why| {
             ActionError::Failed(format!("restart did not help; recreating failed: {why}"))
         })?;
-        match self.docker.wait_healthy(name, self.healthy_timeout).await {
+        match self.docker.wait_healthy(&view, self.healthy_timeout).await {
             Ok(took) => Ok(format!(
                 "recreated {name}; healthy after {:.1}s",
                 took.as_secs_f64()
@@ -106,16 +217,10 @@ impl Repair {
 }
 
 impl Repair {
-    async fn restart_deployment(&self, target: &str) -> Result<String, ActionError> {
-        let (namespace, name) = target
-            .split_once('/')
-            .ok_or_else(|| ActionError::Failed(format!("{target} is not namespace/name")))?;
-        let failed = ActionError::Failed;
-        let view = self
-            .kube
-            .deployment(namespace, name)
-            .await
-            .map_err(failed)?;
+    async fn restart_deployment(&self, deployment: &DeploymentRef) -> Result<String, ActionError> {
+        let (namespace, name) = (deployment.namespace.as_str(), deployment.name.as_str());
+        let target = deployment.to_string();
+        let view = self.kube.deployment(namespace, name).await?;
         if view.replicas == 0 {
             return Err(ActionError::ConditionGone(format!(
                 "{target} is scaled to 0: stopped on purpose, left as it is"
@@ -134,10 +239,7 @@ impl Repair {
             )));
         }
         let before = view.availability();
-        self.kube
-            .rollout_restart(namespace, name)
-            .await
-            .map_err(failed)?;
+        self.kube.rollout_restart(namespace, name).await?;
         match self
             .kube
             .wait_for(namespace, name, self.healthy_timeout, |d| d.rolled_out())
@@ -170,7 +272,7 @@ impl Action for Repair {
 
     fn describe(&self, job: &Job) -> String {
         let target = job.plan.target.as_deref().unwrap_or("?");
-        if self.deployments.iter().any(|d| d == target) {
+        if self.deployment(target).is_some() {
             format!(
                 "would rollout-restart {target} if it is still short of available replicas, and wait for the rollout"
             )
@@ -181,7 +283,11 @@ impl Action for Repair {
         }
     }
 
-    fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>> {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        _context: &'a RunContext,
+    ) -> BoxFuture<'a, Result<String, ActionError>> {
         Box::pin(async move {
             let target = job.plan.target.as_deref().unwrap_or_default();
             self.repair(target).await

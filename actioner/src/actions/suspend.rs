@@ -3,8 +3,10 @@
 //! suspend-then-hibernate, never interactively.
 //!
 //! Right before acting it re-checks, and does nothing when any check fails:
-//! 1. the host was not woken less than `resume_grace` ago by this actioner's last suspend (a
-//!    stale alert must not send a just-woken host back to sleep);
+//! 1. the host has been awake at least `resume_grace` since this actioner last asked it to
+//!    sleep (a stale alert must not send a just-woken host back to sleep). The journal keeps
+//!    the boot and CLOCK_MONOTONIC of each suspend's start, so a restarted actioner knows too;
+//!    a reboot ends the grace;
 //! 2. the exporter's `GET /api/v1/idle` says `suspend_ready`;
 //! 3. logind holds no block inhibitor on sleep;
 //! 4. logind's `Can<Mode>` answers "yes" (polkit allows it without a password).
@@ -13,31 +15,62 @@
 //! so a run normally ends "succeeded"; should the process stop while the call is in flight,
 //! the next start journals the run as interrupted (failed), and it is not retried.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
+use aistack_common::api::{IDLE_PATH, IdleReport};
 use aistack_common::login1::{ManagerProxy, blocks_sleep};
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::{Action, ActionError, Job};
-use crate::config::{ActionKind, SuspendConfig, SuspendMode};
+use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
+use crate::vocab::{ActionKind, AwakeStamp};
+use aistack_common::config::HumanDuration;
 
-/// CLOCK_MONOTONIC: time awake since boot (it stands still while the host sleeps).
-fn awake() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    Duration::new(
-        t.tv_sec.max(0) as u64,
-        t.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
+/// `actions.suspend`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuspendConfig {
+    /// Which logind sleep (default suspend).
+    pub mode: SuspendMode,
+    /// After this actioner suspended the host, refuse to suspend it again until it has been
+    /// awake this long, whatever stale alert arrives (default 15m).
+    pub resume_grace: HumanDuration,
 }
 
-#[derive(Debug, Deserialize)]
-struct IdleReport {
-    state: String,
-    suspend_ready: bool,
-    #[serde(default)]
-    gating_reasons: Vec<String>,
+impl Default for SuspendConfig {
+    fn default() -> Self {
+        Self {
+            mode: SuspendMode::Suspend,
+            resume_grace: HumanDuration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `actions.suspend.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuspendMode {
+    /// Suspend to RAM.
+    #[default]
+    Suspend,
+    /// Suspend to disk.
+    Hibernate,
+    /// Both at once.
+    HybridSleep,
+    /// Suspend, then hibernate after a delay.
+    SuspendThenHibernate,
+}
+
+impl SuspendMode {
+    /// logind's name for it (`Suspend`, `CanSuspend`).
+    pub const fn logind_name(self) -> &'static str {
+        match self {
+            Self::Suspend => "Suspend",
+            Self::Hibernate => "Hibernate",
+            Self::HybridSleep => "HybridSleep",
+            Self::SuspendThenHibernate => "SuspendThenHibernate",
+        }
+    }
 }
 
 /// Suspends this host.
@@ -48,8 +81,6 @@ pub struct Suspend {
     idle_url: String,
     client: reqwest::Client,
     bus_address: Option<String>,
-    /// CLOCK_MONOTONIC when this actioner last asked logind to sleep.
-    last_call: Mutex<Option<Duration>>,
 }
 
 impl Suspend {
@@ -59,30 +90,14 @@ impl Suspend {
         config: &SuspendConfig,
         exporter_url: &str,
         bus_address: Option<String>,
-    ) -> Result<Self, String> {
-        aistack_common::install_tls_provider();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Self, SetupError> {
         Ok(Self {
             mode: config.mode,
             resume_grace: config.resume_grace.into(),
-            idle_url: format!("{}/api/v1/idle", exporter_url.trim_end_matches('/')),
-            client,
+            idle_url: format!("{}{IDLE_PATH}", exporter_url.trim_end_matches('/')),
+            client: http_client(Duration::from_secs(3), Duration::from_secs(5))?,
             bus_address,
-            last_call: Mutex::new(None),
         })
-    }
-
-    fn mode_name(&self) -> &'static str {
-        match self.mode {
-            SuspendMode::Suspend => "Suspend",
-            SuspendMode::Hibernate => "Hibernate",
-            SuspendMode::HybridSleep => "HybridSleep",
-            SuspendMode::SuspendThenHibernate => "SuspendThenHibernate",
-        }
     }
 
     async fn exporter_says_ready(&self) -> Result<(), ActionError> {
@@ -98,17 +113,11 @@ impl Suspend {
         let report: IdleReport = response.json().await.map_err(|e| {
             ActionError::ConditionGone(format!("unexpected answer from the exporter: {e}"))
         })?;
-        if report.suspend_ready {
-            Ok(())
-        } else {
-            let why = if report.gating_reasons.is_empty() {
-                format!("state {}", report.state)
-            } else {
-                report.gating_reasons.join("; ")
-            };
-            Err(ActionError::ConditionGone(format!(
+        match report.not_ready_because() {
+            None => Ok(()),
+            Some(why) => Err(ActionError::ConditionGone(format!(
                 "the exporter says not ready to suspend: {why}"
-            )))
+            ))),
         }
     }
 
@@ -123,13 +132,12 @@ impl Suspend {
         connected.map_err(|e| ActionError::Failed(format!("system bus unreachable: {e}")))
     }
 
-    async fn suspend(&self) -> Result<String, ActionError> {
-        let woken = self
-            .last_call
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .map(|at| awake().saturating_sub(at));
-        if let Some(since) = woken.filter(|s| *s < self.resume_grace) {
+    async fn suspend(&self, context: &RunContext) -> Result<String, ActionError> {
+        let awake = context
+            .last_suspend
+            .as_ref()
+            .and_then(|then| then.awake_since(&AwakeStamp::now()));
+        if let Some(since) = awake.filter(|s| *s < self.resume_grace) {
             return Err(ActionError::ConditionGone(format!(
                 "this host was put to sleep {}s of awake time ago; grace {}s",
                 since.as_secs(),
@@ -164,13 +172,9 @@ impl Suspend {
             };
             return Err(ActionError::Failed(format!(
                 "logind says Can{}={can}{hint}",
-                self.mode_name()
+                self.mode.logind_name()
             )));
         }
-        *self
-            .last_call
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(awake());
         let call = match self.mode {
             SuspendMode::Suspend => manager.suspend(false).await,
             SuspendMode::Hibernate => manager.hibernate(false).await,
@@ -178,7 +182,7 @@ impl Suspend {
             SuspendMode::SuspendThenHibernate => manager.suspend_then_hibernate(false).await,
         };
         call.map_err(failed)?;
-        Ok(format!("{} requested from logind", self.mode_name()))
+        Ok(format!("{} requested from logind", self.mode.logind_name()))
     }
 }
 
@@ -194,12 +198,16 @@ impl Action for Suspend {
     fn describe(&self, _job: &Job) -> String {
         format!(
             "would call logind {}(false) if {} says suspend_ready and no block inhibitor is held",
-            self.mode_name(),
+            self.mode.logind_name(),
             self.idle_url
         )
     }
 
-    fn run<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<String, ActionError>> {
-        Box::pin(self.suspend())
+    fn run<'a>(
+        &'a self,
+        _job: &'a Job,
+        context: &'a RunContext,
+    ) -> BoxFuture<'a, Result<String, ActionError>> {
+        Box::pin(self.suspend(context))
     }
 }

@@ -9,7 +9,6 @@
 //! the action's own re-checks) under the journal key `button:<action>:<target>:<alert>`, which
 //! makes it once-only across restarts.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -17,9 +16,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 use serde::Serialize;
 
-use crate::alert::{Alert, AlertStatus};
-use crate::config::{ActionKind, ButtonOffer, Config};
-use crate::rules::LabelMatcher;
+use super::{ButtonOffer, ButtonsConfig};
+use crate::actions::SetupError;
+use crate::alert::{Alert, AlertStatus, LabelMatcher};
+use crate::vocab::{ActionKind, Allowlists, RunKey};
 
 /// ntfy shows at most this many actions on a notification.
 pub const MAX_BUTTONS: usize = 3;
@@ -51,7 +51,7 @@ pub struct Press {
     /// Its target, for actions that take one.
     pub target: Option<String>,
     /// The journal key: `button:<action>:<target>:<firing>`.
-    pub key: String,
+    pub key: RunKey,
     /// The alert firing it is about: `<fingerprint>@<startsAt>`.
     pub firing: String,
 }
@@ -78,7 +78,7 @@ pub struct Buttons {
     key: hmac::Key,
     ttl: Duration,
     offers: Vec<Offer>,
-    allowlists: BTreeMap<ActionKind, Option<std::collections::BTreeSet<String>>>,
+    allowlists: Allowlists,
 }
 
 impl std::fmt::Debug for Buttons {
@@ -92,15 +92,14 @@ impl std::fmt::Debug for Buttons {
 }
 
 impl Buttons {
-    /// The buttons `config` asks for, reading the signing key; `None` without
-    /// `actions.notify.buttons`.
-    pub fn new(config: &Config) -> Result<Option<Self>, String> {
-        let Some(buttons) = &config.actions.notify.buttons else {
-            return Ok(None);
-        };
-        let key = std::fs::read_to_string(&buttons.key_file)
-            .map_err(|e| format!("reading {}: {e}", buttons.key_file.display()))?;
-        let offers = buttons
+    /// The buttons `config` asks for, reading the signing key; targets only from `allowlists`.
+    pub fn new(config: &ButtonsConfig, allowlists: Allowlists) -> Result<Self, SetupError> {
+        let key =
+            std::fs::read_to_string(&config.key_file).map_err(|source| SetupError::Secret {
+                path: config.key_file.clone(),
+                source,
+            })?;
+        let offers = config
             .offer
             .iter()
             .map(|offer| {
@@ -109,18 +108,14 @@ impl Buttons {
                     matcher: LabelMatcher::new(&offer.match_labels, &offer.match_re)?,
                 })
             })
-            .collect::<Result<_, regex::Error>>()
-            .map_err(|e| e.to_string())?;
-        Ok(Some(Self::with_key(
-            &buttons.url,
+            .collect::<Result<_, regex::Error>>()?;
+        Ok(Self::with_key(
+            &config.url,
             key.trim().as_bytes(),
-            buttons.ttl.into(),
+            config.ttl.into(),
             offers,
-            ActionKind::ALL
-                .into_iter()
-                .map(|a| (a, config.allowlist(a)))
-                .collect(),
-        )))
+            allowlists,
+        ))
     }
 
     fn with_key(
@@ -128,7 +123,7 @@ impl Buttons {
         key: &[u8],
         ttl: Duration,
         offers: Vec<Offer>,
-        allowlists: BTreeMap<ActionKind, Option<std::collections::BTreeSet<String>>>,
+        allowlists: Allowlists,
     ) -> Self {
         Self {
             url: url.trim_end_matches('/').to_owned(),
@@ -171,11 +166,10 @@ impl Buttons {
                             .then(|| alert.host())
                             .flatten()
                     });
-                let allowed = match (self.allowlists.get(&config.action), &target) {
-                    (Some(Some(list)), Some(t)) => list.contains(t),
-                    (Some(Some(_)), None) => false,
-                    (_, _) => true,
-                };
+                let allowed = !config.action.takes_target()
+                    || target
+                        .as_deref()
+                        .is_some_and(|t| self.allowlists.allows(config.action, t));
                 if !allowed {
                     return None;
                 }
@@ -249,7 +243,7 @@ impl Buttons {
         Ok(Press {
             action,
             target: (!target.is_empty()).then(|| target.to_owned()),
-            key: format!("button:{}:{target}:{firing}", action.name()),
+            key: RunKey::button(action, Some(target), firing),
             firing: firing.to_owned(),
         })
     }
@@ -272,26 +266,11 @@ mod tests {
     }
 
     fn buttons(key: &[u8], offers: Vec<Offer>) -> Buttons {
-        let allowlists = [
-            (
-                ActionKind::Wake,
-                Some(BTreeSet::from(["gpu-box".to_owned()])),
-            ),
-            (
-                ActionKind::Repair,
-                Some(BTreeSet::from([
-                    "ollama".to_owned(),
-                    "open-webui".to_owned(),
-                ])),
-            ),
-            (
-                ActionKind::Suspend,
-                Some(BTreeSet::from(["gpu-box".to_owned()])),
-            ),
-            (ActionKind::Failback, None),
-        ]
-        .into_iter()
-        .collect();
+        let allowlists = Allowlists {
+            wake: BTreeSet::from(["gpu-box".to_owned()]),
+            repair: BTreeSet::from(["ollama".to_owned(), "open-webui".to_owned()]),
+            host: "gpu-box".into(),
+        };
         Buttons::with_key(
             "https://aistack.home.example/",
             key,
@@ -357,7 +336,7 @@ mod tests {
             Press {
                 action: ActionKind::Wake,
                 target: Some("gpu-box".into()),
-                key: "button:wake:gpu-box:c0ffee1234567890@2026-11-22T21:00:00Z".into(),
+                key: RunKey("button:wake:gpu-box:c0ffee1234567890@2026-11-22T21:00:00Z".into()),
                 firing: "c0ffee1234567890@2026-11-22T21:00:00Z".into(),
             }
         );
@@ -455,7 +434,7 @@ mod tests {
             let token = format!("{}.{}", URL_SAFE_NO_PAD.encode(&payload), URL_SAFE_NO_PAD.encode(tag.as_ref()));
             if let Ok(press) = b.verify(&token, now()) {
                 let prefix = format!("button:{}:", press.action.name());
-                prop_assert!(press.key.starts_with(&prefix), "{}", press.key);
+                prop_assert!(press.key.as_str().starts_with(&prefix), "{}", press.key);
             }
         }
     }
