@@ -338,3 +338,28 @@ impl Recorder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_fails_when_the_recorder_the_executor_or_the_journal_does() {
+        let (tx, rx) = mpsc::channel(1);
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
+        let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        let recorder = Recorder { tx, snapshot, jobs };
+        assert_eq!(recorder.health(), Ok(()));
+        snapshot_tx.send_replace(Arc::new(Snapshot {
+            journal_failure: Some("journal.jsonl: write: No space left on device".into()),
+            ..Snapshot::default()
+        }));
+        assert!(recorder.health().unwrap_err().contains("No space left"));
+        drop(jobs_rx);
+        assert!(recorder.health().unwrap_err().contains("executor stopped"));
+        // The recorder task ended (it panicked, say): its inbox is gone.
+        drop(rx);
+        assert!(recorder.health().unwrap_err().contains("recorder stopped"));
+        assert_eq!(recorder.set_paused(true).await, Err(RecordError::Stopped));
+    }
+}

@@ -873,3 +873,188 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(deferred(&setup.journal()), 1);
 }
+
+/// A stand-in for failover or failback: records when each run began and ended.
+struct Recording {
+    kind: aistack_actioner::vocab::ActionKind,
+    took: Duration,
+    runs: std::sync::Arc<
+        std::sync::Mutex<Vec<(&'static str, std::time::Instant, std::time::Instant)>>,
+    >,
+}
+
+impl aistack_actioner::actions::Action for Recording {
+    fn kind(&self) -> aistack_actioner::vocab::ActionKind {
+        self.kind
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    fn describe(&self, _job: &aistack_actioner::actions::Job) -> String {
+        format!("would {}", self.kind)
+    }
+
+    fn run<'a>(
+        &'a self,
+        _job: &'a aistack_actioner::actions::Job,
+        _context: &'a aistack_actioner::actions::RunContext,
+    ) -> futures_util::future::BoxFuture<'a, Result<String, aistack_actioner::actions::ActionError>>
+    {
+        Box::pin(async move {
+            let began = std::time::Instant::now();
+            tokio::time::sleep(self.took).await;
+            self.runs
+                .lock()
+                .unwrap()
+                .push((self.kind.name(), began, std::time::Instant::now()));
+            Ok(format!("{} done", self.kind))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_and_failback_never_overlap_whoever_asks() {
+    use aistack_actioner::vocab::ActionKind;
+    use std::sync::Arc;
+
+    let setup = Setup::new();
+    let config = setup.config_with(
+        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback}",
+        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
+    );
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut built = build_actions(&config).unwrap();
+    for (kind, took) in [
+        (ActionKind::Failover, Duration::from_millis(800)),
+        (ActionKind::Failback, Duration::from_millis(200)),
+    ] {
+        built.actions.insert(
+            kind,
+            Arc::new(Recording {
+                kind,
+                took,
+                runs: runs.clone(),
+            }),
+        );
+    }
+    let actioner = Actioner::start(&config, Auth::from_secrets(TOKEN, None, None), built).unwrap();
+    let router = actioner.router.clone();
+    // A game starts, and ends while Ollama is still coming up; a person presses failback too.
+    let firing = webhook(&alert(
+        "Gaming",
+        "00000000000000a1",
+        "2026-11-22T21:00:00Z",
+        "firing",
+    ));
+    assert_eq!(post_alerts(&router, firing).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resolved = webhook(&alert(
+        "Gaming",
+        "00000000000000a1",
+        "2026-11-22T21:00:00Z",
+        "resolved",
+    ));
+    assert_eq!(post_alerts(&router, resolved).await.0, StatusCode::OK);
+    let manual = tokio::spawn({
+        let router = router.clone();
+        async move { api(&router, "POST", "/api/v1/actions/failback", "{}".into()).await }
+    });
+    let (status, outcome) = manual.await.unwrap();
+    assert_eq!(
+        (status, outcome["status"].as_str()),
+        (StatusCode::OK, Some("succeeded"))
+    );
+    for _ in 0..100 {
+        if runs.lock().unwrap().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runs = runs.lock().unwrap().clone();
+    let order: Vec<&str> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(
+        order,
+        ["failover", "failback", "failback"],
+        "in the order planned"
+    );
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "{} began before {} ended",
+            pair[1].0,
+            pair[0].0
+        );
+    }
+    // The state follows the last run: the failback after the failover.
+    let (_, state) = api(&router, "GET", "/api/v1/state", String::new()).await;
+    assert_eq!(state["inference_backend"], "primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_wants_positive_evidence_unless_forced() {
+    let setup = Setup::new();
+    // An exporter whose NVML is down: nothing says the GPU is free.
+    let exporter = axum::Router::new().route(
+        "/api/v1/gpu",
+        axum::routing::get(|| async {
+            axum::Json(serde_json::json!({"nvml_up": false, "sample_age_s": null, "gpus": []}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let exporter_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, exporter).await });
+    let mut config = setup.config_with(
+        "",
+        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
+    );
+    config.exporter_url = exporter_url;
+    config.docker.socket = "unix:///nonexistent/docker.sock".into();
+    let actioner = Actioner::start(
+        &config,
+        Auth::from_secrets(TOKEN, None, None),
+        build_actions(&config).unwrap(),
+    )
+    .unwrap();
+    let router = &actioner.router;
+    let (status, outcome) = api(router, "POST", "/api/v1/actions/failback", "{}".into()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(outcome["status"], "skipped", "{outcome}");
+    assert!(
+        outcome["detail"].as_str().unwrap().contains("NVML is down"),
+        "{outcome}"
+    );
+    // Forced, the check is skipped (the Docker engine is not there, so it fails after it).
+    let (_, outcome) = api(
+        router,
+        "POST",
+        "/api/v1/actions/failback",
+        r#"{"force": true}"#.into(),
+    )
+    .await;
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert!(
+        outcome["detail"]
+            .as_str()
+            .unwrap()
+            .contains("docker engine unreachable"),
+        "{outcome}"
+    );
+    let forced: Vec<JournalEntry> = setup.journal().into_iter().filter(|e| e.force).collect();
+    let events: Vec<Event> = forced.iter().map(|e| e.event).collect();
+    assert_eq!(
+        events,
+        [Event::Planned, Event::Started, Event::Failed],
+        "journaled as forced"
+    );
+    // Only failback can be forced.
+    let (status, _) = api(
+        router,
+        "POST",
+        "/api/v1/actions/failover",
+        r#"{"force": true}"#.into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -414,3 +414,59 @@ fn repair_restarts_then_recreates_and_leaves_stopped_containers_alone() {
         .args(["volume", "rm", "-f", &volume, &anonymous_before])
         .output();
 }
+
+#[test]
+fn a_name_the_engine_would_read_as_an_id_prefix_hits_no_other_container() {
+    // An unhealthy container, and an allowlisted name that is the start of its id: the engine
+    // answers an inspect of that name with this container. Repairing "that name" must not
+    // restart it.
+    let victim = Container::run(
+        "victim",
+        &[
+            "--health-cmd",
+            "false",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+        &["sleep", "3600"],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the victim to turn unhealthy",
+        || {
+            (docker(&[
+                "inspect",
+                "--format",
+                "{{.State.Health.Status}}",
+                &victim.name,
+            ]) == "unhealthy")
+                .then_some(())
+        },
+    );
+    let id = docker(&["inspect", "--format", "{{.Id}}", &victim.name]);
+    let prefix = &id[..12];
+    let started_before = docker(&["inspect", "--format", "{{.State.StartedAt}}", &victim.name]);
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.Name}}", prefix]),
+        format!("/{}", victim.name),
+        "the engine resolves the prefix to the victim"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = StubServer::start();
+    let actions = format!("  repair:\n    docker: {{containers: [\"{prefix}\"]}}\n");
+    let actioner = actioner(dir.path(), &exporter.url, &actions, "  []\n");
+    let outcome = trigger(&actioner, "repair", &format!(r#"{{"target":"{prefix}"}}"#));
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert_eq!(
+        outcome["detail"].as_str(),
+        Some(format!("no container named {prefix}").as_str())
+    );
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.State.StartedAt}}", &victim.name]),
+        started_before,
+        "the victim was not restarted"
+    );
+}

@@ -17,7 +17,14 @@ struct Setup {
     login1: Login1,
     exporter: StubServer,
     actioner: Daemon,
+    config: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+fn start_actioner(login1: &Login1, config: &std::path::Path) -> Daemon {
+    let mut command = Command::new(binary("aistack-actioner"));
+    command.env("DBUS_SYSTEM_BUS_ADDRESS", &login1.bus.address);
+    Daemon::start_with(command, &["--config.file", config.to_str().unwrap()])
 }
 
 fn start(mode: &str) -> Setup {
@@ -39,13 +46,12 @@ fn start(mode: &str) -> Setup {
         ),
     )
     .unwrap();
-    let mut command = Command::new(binary("aistack-actioner"));
-    command.env("DBUS_SYSTEM_BUS_ADDRESS", &login1.bus.address);
-    let actioner = Daemon::start_with(command, &["--config.file", config.to_str().unwrap()]);
+    let actioner = start_actioner(&login1, &config);
     Setup {
         login1,
         exporter,
         actioner,
+        config,
         _dir: dir,
     }
 }
@@ -57,6 +63,15 @@ fn idle_alert(instance: &str, fingerprint: &str, starts_at: &str) -> String {
 }
 
 impl Setup {
+    /// Stops the actioner and starts another on the same state directory.
+    fn restart(&mut self) {
+        let old = std::mem::replace(
+            &mut self.actioner,
+            start_actioner(&self.login1, &self.config),
+        );
+        drop(old);
+    }
+
     fn alert(&self, instance: &str, fingerprint: &str, starts_at: &str) {
         let reply = post_json(
             &self.actioner.url("/api/v1/alerts"),
@@ -82,7 +97,7 @@ impl Setup {
 
 #[test]
 fn suspends_when_the_exporter_and_logind_agree_and_not_again_right_after() {
-    let s = start("suspend");
+    let mut s = start("suspend");
     s.alert("gpu-box:9470", "a1", "2026-11-22T21:00:00Z");
     let done = s.outcome("a1");
     assert_eq!(done["event"], "succeeded", "{done}");
@@ -100,6 +115,20 @@ fn suspends_when_the_exporter_and_logind_agree_and_not_again_right_after() {
     assert!(
         again["detail"].as_str().unwrap().contains("put to sleep"),
         "{again}"
+    );
+    assert_eq!(s.login1.state().calls.len(), 1);
+
+    // Nor after the actioner restarts: the journal keeps where the host stood when it slept.
+    s.restart();
+    s.alert("gpu-box:9470", "a3", "2026-11-22T23:00:00Z");
+    let after_restart = s.outcome("a3");
+    assert_eq!(after_restart["event"], "skipped", "{after_restart}");
+    assert!(
+        after_restart["detail"]
+            .as_str()
+            .unwrap()
+            .contains("put to sleep"),
+        "{after_restart}"
     );
     assert_eq!(s.login1.state().calls.len(), 1);
 }

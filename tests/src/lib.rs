@@ -48,6 +48,68 @@ pub fn fake_nvml_library() -> PathBuf {
     binary("libfake_nvml.so")
 }
 
+/// The fault-injecting library of `tests/faults/fsfaults.c`, built once per test process
+/// with the system's C compiler (the one Rust links with).
+pub fn fsfaults_library() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out =
+                std::env::temp_dir().join(format!("aistack-fsfaults-{}.so", std::process::id()));
+            let source = workspace_root().join("tests/faults/fsfaults.c");
+            let status = Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+                .arg(&out)
+                .arg(&source)
+                .arg("-ldl")
+                .status()
+                .expect("running cc (the C compiler Rust links with)");
+            assert!(status.success(), "building {}", source.display());
+            out
+        })
+        .clone()
+}
+
+/// Raises this process' soft open-files limit to its hard limit (a test that holds thousands
+/// of sockets) and returns it.
+pub fn raise_own_open_files_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(1024);
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status()
+        .expect("running prlimit (util-linux)");
+    assert!(status.success());
+    hard
+}
+
+/// A process' peak and current resident memory in KiB (`VmHWM`, `VmRSS`).
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// How many descriptors a process has open.
+pub fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Copies a directory tree, keeping symlinks as symlinks; files in `src` replace those in `dst`.
 pub fn copy_tree(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -229,12 +291,15 @@ impl Daemon {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "listening"
-                {
-                    let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-                }
+                let listening = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .filter(|v| v["message"] == "listening")
+                    .map(|v| v["address"].as_str().unwrap_or_default().to_owned());
+                // Logged before it is announced: whoever waited for it finds the line.
                 sink.lock().unwrap().push(line);
+                if let Some(address) = listening {
+                    let _ = tx.send(address);
+                }
             }
         });
         let address = match rx.recv_timeout(Duration::from_secs(20)) {
