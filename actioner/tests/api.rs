@@ -874,13 +874,15 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     assert_eq!(deferred(&setup.journal()), 1);
 }
 
+/// Runs of the stand-ins: which action, when it began, when it ended.
+type Runs =
+    std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant, std::time::Instant)>>>;
+
 /// A stand-in for failover or failback: records when each run began and ended.
 struct Recording {
     kind: aistack_actioner::vocab::ActionKind,
     took: Duration,
-    runs: std::sync::Arc<
-        std::sync::Mutex<Vec<(&'static str, std::time::Instant, std::time::Instant)>>,
-    >,
+    runs: Runs,
 }
 
 impl aistack_actioner::actions::Action for Recording {
