@@ -6,9 +6,9 @@
 //!
 //! The connection cap sheds early and fairly: when a new connection arrives with every slot
 //! taken, the connection that has been idle longest (no request being handled: a client that
-//! connected and sent nothing, one dribbling a request head, a keep-alive between scrapes) is
-//! closed to make room; only when every connection is busy with a request is the new one
-//! closed at once. Ten thousand idle sockets therefore cost their owner a reconnect loop and
+//! connected and sent nothing, one dribbling a request head or body, a keep-alive between
+//! scrapes) is closed to make room; only when every connection is busy with a request whose
+//! body has arrived whole is the new one closed at once. Ten thousand idle sockets therefore cost their owner a reconnect loop and
 //! cost a real scrape or webhook nothing. A full descriptor table (`EMFILE`) at accept is
 //! answered the same way, by closing the longest-idle connection, never by a sleeping accept
 //! loop.
@@ -17,12 +17,14 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -353,6 +355,63 @@ impl InFlight {
     }
 }
 
+/// Where a request's [`InFlight`] mark lives once its body has arrived whole.
+type Busy = Arc<Mutex<Option<InFlight>>>;
+
+/// A request body that marks its request in flight only once it has arrived whole: a client
+/// dribbling a body holds no protected place, and is evicted like an idle one.
+struct WatchedBody {
+    inner: Incoming,
+    connection: Arc<Connection>,
+    table: Arc<ConnectionTable>,
+    busy: Option<Busy>,
+}
+
+impl WatchedBody {
+    fn arrived(&mut self) {
+        if let Some(busy) = self.busy.take() {
+            *busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(InFlight::begin(&self.connection, &self.table));
+        }
+    }
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                this.connection
+                    .last_active
+                    .store(millis_since(this.table.start), Ordering::Relaxed);
+                if this.inner.is_end_stream() {
+                    this.arrived();
+                }
+            }
+            Poll::Ready(None) => this.arrived(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.connection
@@ -373,16 +432,38 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let (connection, table) = (slot.connection.clone(), slot.table.clone());
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        let in_flight = InFlight::begin(&connection, &table);
+        // In flight (not to be evicted) once the whole request is here: at once without a
+        // body, else when the body's last byte arrives.
+        let busy: Busy = Arc::default();
+        connection
+            .last_active
+            .store(millis_since(table.start), Ordering::Relaxed);
+        let whole = request.body().is_end_stream();
+        if whole {
+            *busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(InFlight::begin(&connection, &table));
+        }
         // What axum's `ConnectInfo` extractor reads: the client's address.
         request
             .extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
+        let (connection, table) = (connection.clone(), table.clone());
+        let watched = (!whole).then(|| busy.clone());
+        let request = request.map(move |inner| {
+            axum::body::Body::new(WatchedBody {
+                inner,
+                connection,
+                table,
+                busy: watched,
+            })
+        });
         let mut router = router.clone();
         async move {
             // Router is always ready; its errors are Infallible.
-            let response = router.call(request.map(axum::body::Body::new)).await;
-            drop(in_flight);
+            let response = router.call(request).await;
+            drop(busy);
             Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
         }
     });
@@ -561,6 +642,55 @@ mod tests {
             assert!(answer.ends_with("slow"), "{answer}");
         }
         assert!(healthz(address).unwrap().ends_with("ok"));
+    }
+
+    #[test]
+    fn clients_dribbling_a_body_hold_no_protected_place() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/upload",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                ),
+            );
+        runtime.spawn(serve_until(
+            listener,
+            router,
+            limits(4, Duration::from_secs(30)),
+            std::future::pending(),
+        ));
+        let slow: Vec<_> = (0..8)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(address).unwrap();
+                s.write_all(
+                    b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\nabc",
+                )
+                .unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let answer = healthz(address).unwrap();
+        assert!(answer.ends_with("ok"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A body that arrives whole is served.
+        let mut whole = std::net::TcpStream::connect(address).unwrap();
+        whole
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+            .unwrap();
+        let mut answer = String::new();
+        whole.read_to_string(&mut answer).unwrap();
+        assert!(answer.ends_with('3'), "{answer}");
+        drop(slow);
     }
 
     #[test]
