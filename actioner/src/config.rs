@@ -241,9 +241,14 @@ fn secret_file_problem(file: &Path, min_len: usize) -> Option<String> {
         Ok(meta) => meta.permissions().mode() & 0o7777,
         Err(err) => return Some(format!("cannot read {shown}: {err}")),
     };
-    if mode & 0o004 != 0 {
+    if mode & 0o006 != 0 {
+        let what = if mode & 0o004 != 0 {
+            "readable"
+        } else {
+            "writable"
+        };
         return Some(format!(
-            "{shown} is readable by everyone (mode {mode:04o}); run chmod o-rwx {shown} (mode 0600, or 0640 to share it with a group)"
+            "{shown} is {what} by everyone (mode {mode:04o}); run chmod o-rwx {shown} (mode 0600, or 0640 to share it with a group)"
         ));
     }
     let text = match std::fs::read_to_string(file) {
@@ -289,6 +294,7 @@ impl Validate for Config {
             "must be 1 to 100",
         );
         self.validate_rules(problems);
+        self.validate_durations(problems);
         self.actions.wake.validate(problems);
         self.actions.failover.validate(problems);
         self.actions.repair.validate(problems);
@@ -322,6 +328,37 @@ impl Config {
                 rule.target_label.as_ref(),
             );
         }
+    }
+
+    /// Durations past a year are typos (and would not fit in time arithmetic).
+    fn validate_durations(&self, problems: &mut Problems) {
+        const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+        let mut check = |path: String, duration: Option<HumanDuration>| {
+            if let Some(d) = duration {
+                problems.check(d.0 <= YEAR, path, "must be at most a year (365d)");
+            }
+        };
+        for (i, rule) in self.rules.iter().enumerate() {
+            check(format!("rules[{i}].cooldown"), rule.cooldown);
+        }
+        let actions = &self.actions;
+        check(
+            "actions.suspend.resume_grace".into(),
+            Some(actions.suspend.resume_grace),
+        );
+        check("actions.repair.window".into(), Some(actions.repair.window));
+        check(
+            "actions.repair.healthy_timeout".into(),
+            Some(actions.repair.healthy_timeout),
+        );
+        check(
+            "actions.failover.fallback_timeout".into(),
+            Some(actions.failover.fallback_timeout),
+        );
+        check(
+            "actions.failover.primary_timeout".into(),
+            Some(actions.failover.primary_timeout),
+        );
     }
 
     fn validate_offers(&self, problems: &mut Problems) {

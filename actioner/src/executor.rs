@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -19,8 +19,15 @@ use crate::actions::{ActionError, Actions, Job, RunContext};
 use crate::journal::{Event, JournalEntry};
 use crate::metrics::Metrics;
 use crate::planner::{Outcome, Queued};
-use crate::recorder::Recorder;
-use crate::vocab::{ActionKind, AwakeStamp, Reason, Skip};
+use crate::recorder::{Begun, RecordError, Recorder};
+use crate::vocab::{ActionKind, AwakeStamp, Origin, Reason, Skip};
+
+/// How long the executor keeps trying to journal a run's start or end while the journal
+/// cannot be written (a full disk may be freed), before it gives up on that run.
+const JOURNAL_PATIENCE: Duration = Duration::from_secs(600);
+/// How long a run that passed its timeout may go on finishing what it does (a container
+/// stop, a rename) before it is cut off; the run's lane stays closed meanwhile.
+const WIND_DOWN: Duration = Duration::from_secs(300);
 
 /// Jobs planned and not ended, at most; past it webhooks are answered 503.
 pub const QUEUE: usize = 1024;
@@ -77,7 +84,45 @@ pub fn spawn(
     })
 }
 
+fn outcome_timed_out(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed(why) if why.starts_with("timed out after"))
+}
+
 impl Shared {
+    /// Journals `entries`, trying again while the journal cannot be written.
+    async fn record(&self, entries: Vec<JournalEntry>) -> Result<(), RecordError> {
+        self.patiently(|| self.recorder.record(entries.clone()))
+            .await
+    }
+
+    /// Journals a run's start, trying again while the journal cannot be written.
+    async fn begin(&self, started: JournalEntry, automatic: bool) -> Result<Begun, RecordError> {
+        self.patiently(|| self.recorder.begin(started.clone(), automatic))
+            .await
+    }
+
+    /// Runs `write` until it is not refused for a journal fault, for up to
+    /// [`JOURNAL_PATIENCE`]: a run's start or end is never lost to a disk that fills for a
+    /// moment.
+    async fn patiently<T, F, Fut>(&self, mut write: F) -> Result<T, RecordError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RecordError>>,
+    {
+        let deadline = Instant::now() + JOURNAL_PATIENCE;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match write().await {
+                Err(RecordError::Journal(why)) if Instant::now() < deadline => {
+                    tracing::warn!(%why, retry_in = ?wait, "the journal cannot be written; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Queued>>> {
         self.lanes
             .lock()
@@ -155,7 +200,7 @@ impl Shared {
                 reason: Some(Reason::Unavailable),
                 ..entry(Event::Failed).with_detail(&why)
             };
-            let _ = self.recorder.record(vec![failed]).await;
+            let _ = self.record(vec![failed]).await;
             return Outcome::Failed(why);
         };
         let Ok(_slot) = limit.acquire().await else {
@@ -166,7 +211,6 @@ impl Shared {
             self.metrics.count(kind, "dry_run");
             let skip = Skip::DryRun(what.clone());
             let _ = self
-                .recorder
                 .record(vec![entry(Event::Skipped).because(&skip)])
                 .await;
             return Outcome::DryRun(what);
@@ -176,17 +220,39 @@ impl Shared {
         let context = RunContext {
             last_suspend: self.recorder.snapshot().last_suspend.clone(),
         };
-        // On disk before anything is done: a crash from here on shows as interrupted, not retried.
+        // On disk before anything is done: a crash from here on shows as interrupted, not
+        // retried. An automatic run whose turn comes while paused is held instead.
         let started_entry = JournalEntry {
             awake: Some(AwakeStamp::now()),
             ..entry(Event::Started)
         };
-        if let Err(err) = self.recorder.record(vec![started_entry]).await {
-            self.metrics.count(kind, "failed");
-            return Outcome::Failed(format!("not started: {err}"));
+        let automatic = job.plan.origin == Origin::Rule;
+        match self.begin(started_entry, automatic).await {
+            Ok(Begun::Started) => {}
+            Ok(Begun::Held) => {
+                self.metrics.count(kind, "skipped");
+                return Outcome::Skipped(Skip::Paused.to_string());
+            }
+            Err(err) => {
+                self.metrics.count(kind, "failed");
+                return Outcome::Failed(format!("not started: {err}"));
+            }
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(action.timeout(), action.run(job, &context)).await;
+        // The action runs as a task of its own: a timeout stops the wait, not the action, which
+        // may be half-way through something that must be finished or undone.
+        let task = {
+            let (action, job, context) = (action.clone(), job.clone(), context.clone());
+            tokio::spawn(async move { action.run(&job, &context).await })
+        };
+        tokio::pin!(task);
+        let result = match tokio::time::timeout(action.timeout(), &mut task).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(join)) => Ok(Err(ActionError::Failed(format!(
+                "the action failed: {join}"
+            )))),
+            Err(elapsed) => Err(elapsed),
+        };
         let elapsed = started.elapsed();
         let (end, result_label, outcome) = match result {
             Ok(Ok(done)) => (
@@ -225,8 +291,13 @@ impl Shared {
         if end.event == Event::Failed {
             tracing::warn!(action = %kind, key = %job.key, error = end.detail.as_deref().unwrap_or_default(), "action failed");
         }
-        if let Err(err) = self.recorder.record(vec![end]).await {
+        let timed_out = result_label == "failed" && outcome_timed_out(&outcome);
+        if let Err(err) = self.record(vec![end]).await {
             tracing::error!(action = %kind, key = %job.key, %err, "could not journal the end of an action");
+        }
+        if timed_out && tokio::time::timeout(WIND_DOWN, &mut task).await.is_err() {
+            tracing::warn!(action = %kind, key = %job.key, "the action went on past its timeout and was cut off");
+            task.abort();
         }
         self.metrics.count(kind, result_label);
         self.metrics.observe_duration(kind, elapsed);

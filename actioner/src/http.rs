@@ -213,8 +213,14 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             count_webhooks,
         ));
-    let wake = Router::new()
+    let relay = Router::new()
         .route("/api/v1/wake", post(wake_relay))
+        .layer(RequestBodyLimitLayer::new(64 * 1024))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            throttle_relay,
+        ));
+    let buttons = Router::new()
         .route("/api/v1/buttons/{token}", post(press_button))
         .layer(RequestBodyLimitLayer::new(64 * 1024));
     Router::new()
@@ -223,7 +229,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(api)
         .merge(alerts)
-        .merge(wake)
+        .merge(relay)
+        .merge(buttons)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(90),
@@ -244,6 +251,23 @@ fn request_span(request: &Request) -> tracing::Span {
 }
 
 const BUTTONS_PATH: &str = "/api/v1/buttons/";
+
+/// The relay's budget per client, charged before the body is read: a client that floods the
+/// relay is answered 429 without costing a body read, a key check or a journal line.
+async fn throttle_relay(
+    State(state): State<AppState>,
+    ClientAddress(client): ClientAddress,
+    request: Request,
+    next: Next,
+) -> Response {
+    match state.relay.throttle.admit_client(client, Instant::now()) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            state.metrics.relay_refused("rate_limited");
+            ApiError::TooManyRequests(wait).into_response()
+        }
+    }
+}
 
 async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if state.auth.allows(request.headers()) {
@@ -330,22 +354,24 @@ struct WakeRequest {
 
 async fn wake_relay(
     State(state): State<AppState>,
-    ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if let Err(wait) = state.relay.throttle.admit(client, Instant::now()) {
-        state.metrics.relay_refused("rate_limited");
-        return Err(ApiError::TooManyRequests(wait));
-    }
     let request: WakeRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed wake request: {e}")))?;
+    let by_token = state.auth.allows(&headers);
     let by_key = request
         .key
         .as_deref()
         .is_some_and(|k| state.auth.wake_key_matches(k));
-    if !by_key && !state.auth.allows(&headers) {
+    if !by_key && !by_token {
         return Err(ApiError::Forbidden("wrong or missing key".into()));
+    }
+    // The budget all key holders share; the bearer token's holders (Alertmanager, an admin)
+    // are not held to it.
+    if !by_token && let Err(wait) = state.relay.throttle.admit_total(Instant::now()) {
+        state.metrics.relay_refused("rate_limited");
+        return Err(ApiError::TooManyRequests(wait));
     }
     let run = |target, raw_wake: Option<RawWake>| ManualRequest {
         request: RunRequest {

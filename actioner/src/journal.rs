@@ -37,6 +37,9 @@ use crate::vocab::{ActionKind, AwakeStamp, Backend, Plan, Reason, RunKey, Skip, 
 
 /// Longest line read back; longer ones are skipped (no entry is written that long).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The largest `seq` taken for real: beyond it a line is corruption (a billion entries a
+/// second would take a century to get there).
+pub const MAX_SEQ: u64 = 1 << 62;
 /// Longest `detail` written; longer text is cut.
 pub const MAX_DETAIL_BYTES: usize = 2048;
 /// Longest alert name written (it is a label value, and only for people).
@@ -502,8 +505,10 @@ pub struct ReadStats {
     pub entries: u64,
     /// Lines skipped: torn, not JSON of an entry, invalid UTF-8, or too long.
     pub invalid: u64,
-    /// Entries skipped because their `seq` did not go up (a repeated line).
+    /// Entries whose `seq` did not go up (corruption that still parses): read all the same.
     pub out_of_order: u64,
+    /// Files skipped: not regular files, or a second name of a file already read.
+    pub files_skipped: usize,
 }
 
 /// The journal in a state directory.
@@ -518,6 +523,8 @@ pub struct Journal {
     len: u64,
     /// The first `seq` in the current file (its archive name).
     first_seq: u64,
+    /// Bytes of the checkpoint the current file begins with: not counted against `max_bytes`.
+    checkpoint_len: u64,
     next_seq: u64,
     /// The last write failure, until a write succeeds.
     failure: Option<JournalError>,
@@ -582,6 +589,7 @@ impl Journal {
             file: None,
             len: 0,
             first_seq: 0,
+            checkpoint_len: 0,
             next_seq: 1,
             failure: None,
         };
@@ -595,18 +603,38 @@ impl Journal {
             }
         });
         let mut stats = ReadStats::default();
-        let mut last_seq = 0;
-        let mut current_first = None;
+        let mut seqs = Seqs::default();
+        let mut current = FileRead::default();
+        let mut seen = std::collections::HashSet::new();
         for (kind, name) in journal.files()? {
             let path = dir.join(&name);
+            // Only regular files, each once: a directory or a FIFO named like an archive is
+            // left alone, and a second name of a file (a rotation that stopped after its
+            // link) is not read twice.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => {
+                    use std::os::unix::fs::MetadataExt as _;
+                    if !seen.insert((meta.dev(), meta.ino())) {
+                        stats.files_skipped += 1;
+                        continue;
+                    }
+                }
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "not a regular file: left alone");
+                    stats.files_skipped += 1;
+                    continue;
+                }
+                Err(_) => continue,
+            }
             stats.files += 1;
-            let read = journal.read_file(&path, &mut stats, &mut last_seq, &mut sink)?;
+            let read = journal.read_file(&path, &mut stats, &mut seqs, &mut sink)?;
             if kind == FileKind::Current {
-                current_first = read;
+                current = read;
             }
         }
-        journal.next_seq = last_seq + 1;
-        journal.first_seq = current_first.unwrap_or(journal.next_seq);
+        journal.next_seq = seqs.max + 1;
+        journal.first_seq = current.first_seq.unwrap_or(journal.next_seq);
+        journal.checkpoint_len = current.checkpoint_len;
         journal.reopen()?;
         Ok((journal, stats))
     }
@@ -645,23 +673,32 @@ impl Journal {
         Ok(files)
     }
 
-    /// Streams one file's entries into `sink`; returns the first `seq` it held.
+    /// Streams one file's entries into `sink`.
     fn read_file(
         &self,
         path: &Path,
         stats: &mut ReadStats,
-        last_seq: &mut u64,
+        seqs: &mut Seqs,
         sink: &mut impl FnMut(JournalEntry),
-    ) -> Result<Option<u64>, JournalError> {
-        let file = match self.step(Op::OpenRead, path, || File::open(path)) {
+    ) -> Result<FileRead, JournalError> {
+        let mut found = FileRead::default();
+        let opened = self.step(Op::OpenRead, path, || {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Never blocks, should the file have become a FIFO since it was listed.
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(path)
+        });
+        let file = match opened {
             Ok(file) => file,
             // Aged out between listing and opening.
-            Err(JournalError::Io { errno: Some(2), .. }) => return Ok(None),
+            Err(JournalError::Io { errno: Some(2), .. }) => return Ok(found),
             Err(e) => return Err(e),
         };
         let mut reader = BufReader::with_capacity(64 * 1024, file);
         let mut line = Vec::with_capacity(1024);
-        let mut first = None;
+        let mut leading_checkpoint = true;
         loop {
             let read = self.step(Op::Read, path, || {
                 read_line(&mut reader, &mut line, MAX_LINE_BYTES)
@@ -674,16 +711,27 @@ impl Journal {
                     tracing::warn!(file = %path.display(), "skipping a journal line longer than {MAX_LINE_BYTES} bytes");
                 }
                 Line::Text => match serde_json::from_slice::<JournalEntry>(&line) {
-                    Ok(mut entry) if entry.seq > *last_seq => {
-                        *last_seq = entry.seq;
-                        first.get_or_insert(entry.seq);
+                    Ok(entry) if entry.seq > MAX_SEQ => {
+                        stats.invalid += 1;
+                        tracing::warn!(file = %path.display(), seq = entry.seq, "skipping a journal line whose seq cannot be real");
+                    }
+                    Ok(mut entry) => {
+                        if entry.seq <= seqs.last {
+                            // Read all the same: one corrupt number must not hide what follows.
+                            stats.out_of_order += 1;
+                            tracing::warn!(file = %path.display(), seq = entry.seq, "a journal entry whose seq does not go up");
+                        }
+                        seqs.last = entry.seq;
+                        seqs.max = seqs.max.max(entry.seq);
+                        found.first_seq.get_or_insert(entry.seq);
+                        if leading_checkpoint && entry.event == Event::Checkpoint {
+                            found.checkpoint_len += line.len() as u64 + 1;
+                        } else {
+                            leading_checkpoint = false;
+                        }
                         upgrade_0_1_0(&mut entry);
                         stats.entries += 1;
                         sink(entry);
-                    }
-                    Ok(entry) => {
-                        stats.out_of_order += 1;
-                        tracing::warn!(file = %path.display(), seq = entry.seq, "skipping a journal entry whose seq does not go up");
                     }
                     Err(err) => {
                         stats.invalid += 1;
@@ -692,11 +740,12 @@ impl Journal {
                 },
             }
         }
-        Ok(first)
+        Ok(found)
     }
 
     /// (Re)opens the current file for appending, cutting off whatever a failed write left
-    /// past the last synced byte, and ending a line torn by a crash.
+    /// past the last synced byte (until it can, it takes no writes: a batch answered with an
+    /// error must never be read back), and ending a line torn by a crash.
     fn reopen(&mut self) -> Result<(), JournalError> {
         let path = self.dir.join(CURRENT);
         let existed = path.exists();
@@ -707,14 +756,7 @@ impl Journal {
         let recovering = self.failure.is_some();
         if recovering && on_disk > self.len {
             let len = self.len;
-            if self
-                .step(Op::Truncate, &path, || file.set_len(len))
-                .is_err()
-            {
-                // Could not cut it: end the torn bytes as a line of their own, skipped when
-                // read back.
-                self.step(Op::Write, &path, || (&file).write_all(b"\n"))?;
-            }
+            self.step(Op::Truncate, &path, || file.set_len(len))?;
         } else if on_disk > 0 && !recovering {
             let ends_cleanly = self.step(Op::Read, &path, || last_byte(&path))? == Some(b'\n');
             if !ends_cleanly {
@@ -790,9 +832,11 @@ impl Journal {
         buffer
     }
 
-    /// Whether the current file has passed `max_bytes`.
+    /// Whether the current file has passed `max_bytes` (its checkpoint not counted, so a
+    /// large checkpoint never makes every batch rotate).
     pub fn wants_rotation(&self) -> bool {
-        self.failure.is_none() && self.len >= self.limits.max_bytes
+        self.failure.is_none()
+            && self.len.saturating_sub(self.checkpoint_len) >= self.limits.max_bytes
     }
 
     /// Archives the current file and begins a new one with `checkpoint` (the ledger now), then
@@ -842,6 +886,7 @@ impl Journal {
         // Append mode from here on: the staged file was opened for writing at its end.
         self.file = Some(file);
         self.len = buffer.len() as u64;
+        self.checkpoint_len = self.len;
         self.first_seq = first_of_next;
         self.prune();
         Ok(())
@@ -887,6 +932,24 @@ impl Journal {
             tracing::debug!(%err, "journal: could not remove a file");
         }
     }
+}
+
+/// What reading the files found about their sequence numbers.
+#[derive(Debug, Default)]
+struct Seqs {
+    /// Of the last entry read.
+    last: u64,
+    /// The largest read.
+    max: u64,
+}
+
+/// What reading one file found.
+#[derive(Debug, Default)]
+struct FileRead {
+    /// Its first entry's `seq`.
+    first_seq: Option<u64>,
+    /// Bytes of the checkpoint it begins with.
+    checkpoint_len: u64,
 }
 
 fn no_hard_links(errno: i32) -> bool {

@@ -7,7 +7,7 @@
 //! At a rotation it writes itself out as a checkpoint ([`Ledger::checkpoint`]); reading a
 //! complete checkpoint back restores exactly that state, so the files before it may go.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -51,31 +51,69 @@ pub struct Snapshot {
     pub journal_failure: Option<String>,
 }
 
-/// A bounded set of digests that forgets the oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A bounded set of digests that forgets the least recently seen first. A digest seen again
+/// (a firing re-sent while it still fires) moves to the back, at most once per half a window,
+/// so a firing that keeps firing is never forgotten and a flood of repeats cannot crowd out
+/// the rest.
+#[derive(Debug, Clone, Default)]
 struct DigestWindow {
-    set: HashSet<KeyHash>,
-    order: VecDeque<KeyHash>,
+    /// Each digest remembered, and the position of its latest place in `order`.
+    live: HashMap<KeyHash, u64>,
+    /// Places, oldest first; one that is not its digest's latest is stale.
+    order: VecDeque<(KeyHash, u64)>,
+    next: u64,
 }
 
 impl DigestWindow {
-    fn insert(&mut self, hash: KeyHash) {
-        if self.set.insert(hash) {
-            self.order.push_back(hash);
-            if self.order.len() > DEDUPE_CAPACITY
-                && let Some(old) = self.order.pop_front()
-            {
-                self.set.remove(&old);
+    fn push(&mut self, hash: KeyHash) {
+        self.order.push_back((hash, self.next));
+        self.live.insert(hash, self.next);
+        self.next += 1;
+        while self.live.len() > DEDUPE_CAPACITY || self.order.len() > 2 * DEDUPE_CAPACITY {
+            let Some((old, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.live.get(&old) == Some(&at) {
+                self.live.remove(&old);
             }
         }
     }
 
+    fn insert(&mut self, hash: KeyHash) {
+        if !self.live.contains_key(&hash) {
+            self.push(hash);
+        }
+    }
+
+    /// `hash` was seen again: it moves to the back unless it moved there lately.
+    fn refresh(&mut self, hash: KeyHash) {
+        if let Some(at) = self.live.get(&hash)
+            && self.next - at > (DEDUPE_CAPACITY / 2) as u64
+        {
+            self.push(hash);
+        }
+    }
+
     fn contains(&self, hash: KeyHash) -> bool {
-        self.set.contains(&hash)
+        self.live.contains_key(&hash)
     }
 
     fn len(&self) -> usize {
-        self.order.len()
+        self.live.len()
+    }
+
+    /// The digests remembered, least recently seen first.
+    fn in_order(&self) -> impl Iterator<Item = KeyHash> + '_ {
+        self.order
+            .iter()
+            .filter(|(hash, at)| self.live.get(hash) == Some(at))
+            .map(|(hash, _)| *hash)
+    }
+}
+
+impl PartialEq for DigestWindow {
+    fn eq(&self, other: &Self) -> bool {
+        self.live.len() == other.live.len() && self.in_order().eq(other.in_order())
     }
 }
 
@@ -160,7 +198,9 @@ impl Ledger {
 
     fn planned(&mut self, entry: &JournalEntry) {
         let Some(key) = &entry.key else { return };
-        if entry.action.is_some_and(ActionKind::moves_backend) {
+        // A backend decision made since the pause replaces the one it held back (a dry run
+        // decides nothing).
+        if entry.action.is_some_and(ActionKind::moves_backend) && !entry.dry_run {
             self.deferred_failback = None;
         }
         if key.is_once_only() {
@@ -259,6 +299,12 @@ impl Ledger {
                 Some(ActionKind::Failover) => self.deferred_failback = None,
                 _ => {}
             }
+        }
+        // A firing re-sent while it still fires is remembered the longer.
+        if reason == Some(Reason::Duplicate)
+            && let Some(key) = entry.key.as_ref().filter(|k| k.is_once_only())
+        {
+            self.done.refresh(KeyHash::of(key.as_str()));
         }
         // A repeat is refused under the key of the run it repeats, and that run goes on.
         if !reason.is_some_and(Reason::is_repeat)
@@ -386,7 +432,7 @@ impl Ledger {
             state: Some(Box::new(state)),
             ..Checkpoint::default()
         }];
-        let done: Vec<KeyHash> = self.done.order.iter().copied().collect();
+        let done: Vec<KeyHash> = self.done.in_order().collect();
         for chunk in done.chunks(DIGESTS_PER_PART) {
             parts.push(Checkpoint {
                 done: chunk.to_vec(),
@@ -394,7 +440,7 @@ impl Ledger {
             });
         }
         if let Some(resolved) = &self.resolved {
-            let resolved: Vec<KeyHash> = resolved.order.iter().copied().collect();
+            let resolved: Vec<KeyHash> = resolved.in_order().collect();
             for chunk in resolved.chunks(DIGESTS_PER_PART) {
                 parts.push(Checkpoint {
                     resolved: chunk.to_vec(),
@@ -491,6 +537,13 @@ impl Ledger {
     /// Runs planned or started and not ended.
     pub fn open_runs(&self) -> impl Iterator<Item = &OpenRun> {
         self.open.values()
+    }
+
+    /// Whether a failover or failback (not a dry run) is planned or running.
+    pub fn backend_moving(&self) -> bool {
+        self.open
+            .values()
+            .any(|r| r.entry.action.is_some_and(ActionKind::moves_backend) && !r.entry.dry_run)
     }
 
     /// Where the host stood when a suspend last started.

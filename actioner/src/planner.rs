@@ -104,6 +104,8 @@ pub struct Batch {
     pub jobs: Vec<Queued>,
     /// What it planned so far, for the decisions after.
     pub tentative: Tentative,
+    /// Once-only refusals it journals, remembered once the batch is on disk.
+    refusals: Vec<KeyHash>,
 }
 
 /// Decides, with the room jobs may take.
@@ -133,6 +135,16 @@ impl Planner {
     /// The policy, for the ledger's snapshot.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// `batch` is on disk: its refusals count as journaled.
+    pub fn committed(&mut self, batch: &Batch) {
+        for refusal in &batch.refusals {
+            if self.refusals.len() >= REFUSALS_REMEMBERED {
+                self.refusals.clear();
+            }
+            self.refusals.insert(*refusal);
+        }
     }
 
     /// A place for a job holding `alert`, or `None` when too many wait.
@@ -247,8 +259,14 @@ impl Planner {
         let Some(key) = skipped.key.clone() else {
             return;
         };
+        // On the fallback, or about to be (a failover still running): the failback then
+        // waits in the backend's lane and decides against the state the failover left. A
+        // paused skip is never a repeat of a run that went (the once-only check comes first),
+        // so the key may have been planned only by a run held at its start.
         let on_fallback = ledger.backend().0 == crate::vocab::Backend::Fallback;
-        if !on_fallback || ledger.ran(&key) || batch.tentative.planned_key(&key) {
+        if !(on_fallback || batch.tentative.backend_moving(ledger))
+            || batch.tentative.planned_key(&key)
+        {
             return;
         }
         let plan = Plan {
@@ -309,11 +327,12 @@ impl Planner {
             // Anyone who saw a button can press it again and again: each distinct refusal of
             // it is journaled once per start, not once per press.
             let first = request.once.is_none() || {
-                if self.refusals.len() >= REFUSALS_REMEMBERED {
-                    self.refusals.clear();
+                let refusal = KeyHash::of(&format!("{key}\n{:?}", skip.reason()));
+                let known = self.refusals.contains(&refusal) || batch.refusals.contains(&refusal);
+                if !known {
+                    batch.refusals.push(refusal);
                 }
-                self.refusals
-                    .insert(KeyHash::of(&format!("{key}\n{:?}", skip.reason())))
+                !known
             };
             if first {
                 // A refused target is named in the words only: it is not an allowlisted one.

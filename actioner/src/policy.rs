@@ -32,18 +32,38 @@ pub struct Tentative {
     rule_runs: HashSet<(String, String)>,
     action_runs: HashMap<(ActionKind, String), u32>,
     resolved: HashSet<String>,
+    /// A pause or resume decided earlier in the batch.
+    paused: Option<bool>,
+    /// Whether the batch planned a run that moves the backend.
+    moves_backend: bool,
 }
 
 impl Tentative {
     /// `plan` was planned as `key`.
     pub fn planned(&mut self, key: &RunKey, plan: &Plan) {
         self.keys.insert(key.clone());
+        self.moves_backend |= plan.action.moves_backend() && !plan.dry_run;
         if plan.dry_run || (plan.action.takes_target() && plan.target.is_none()) {
             return;
         }
         let target = plan.target.clone().unwrap_or_default();
         self.rule_runs.insert((plan.rule.clone(), target.clone()));
         *self.action_runs.entry((plan.action, target)).or_default() += 1;
+    }
+
+    /// A pause (or resume) was decided.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = Some(paused);
+    }
+
+    /// Whether automatic actions are paused, counting what the batch decided.
+    pub fn paused(&self, ledger: &Ledger) -> bool {
+        self.paused.unwrap_or_else(|| ledger.paused())
+    }
+
+    /// Whether a failover or failback is planned or running (in the batch, or before it).
+    pub fn backend_moving(&self, ledger: &Ledger) -> bool {
+        self.moves_backend || ledger.backend_moving()
     }
 
     /// Whether the batch planned `key` already.
@@ -202,7 +222,7 @@ impl Policy {
             Origin::Relay => false,
             Origin::Api | Origin::Button => !plan.dry_run,
         };
-        if ledger.paused() && held_by_pause {
+        if batch.paused(ledger) && held_by_pause {
             return Err(Skip::Paused);
         }
         if plan.dry_run {
@@ -265,6 +285,13 @@ impl Policy {
         cooldown.checked_sub(since).filter(|left| !left.is_zero())
     }
 
+    /// `at + by`, or far in the future when that does not fit.
+    fn later(at: SystemTime, by: Duration) -> SystemTime {
+        at.checked_add(by).unwrap_or_else(|| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 64)
+        })
+    }
+
     fn repairs_within(&self, ledger: &Ledger, target: &str, now: SystemTime) -> u32 {
         let recent = ledger
             .action_runs(ActionKind::Repair, target)
@@ -288,7 +315,9 @@ impl Policy {
         let max = usize::try_from(self.repair.max_attempts).unwrap_or(usize::MAX);
         let over = in_window.len().checked_sub(max)?;
         // The (over+1)-th oldest run must leave the window.
-        in_window.get(over).map(|at| *at + self.repair.window)
+        in_window
+            .get(over)
+            .map(|at| Self::later(*at, self.repair.window))
     }
 
     /// What `/metrics`, `/api/v1/state` and `/api/v1/actions` read: the ledger now.
@@ -301,7 +330,7 @@ impl Policy {
         let cooldowns = ledger
             .rule_runs()
             .filter_map(|(rule, target, at)| {
-                let until = at.0 + self.rules.cooldown_of(rule)?;
+                let until = Self::later(at.0, self.rules.cooldown_of(rule)?);
                 (until > now).then(|| (format!("{rule}/{target}"), until))
             })
             .collect();

@@ -50,6 +50,16 @@ pub enum Refusal {
     Record(#[from] RecordError),
 }
 
+/// How the start of a run was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begun {
+    /// "started" is on disk: act.
+    Started,
+    /// An automatic run whose turn came while paused: journaled as skipped (paused), and a
+    /// failback is kept for the resume.
+    Held,
+}
+
 /// Commands decided in one batch at most.
 const BATCH: usize = 512;
 
@@ -65,6 +75,11 @@ enum Command {
     Record {
         entries: Vec<JournalEntry>,
         reply: oneshot::Sender<Result<(), RecordError>>,
+    },
+    Begin {
+        started: JournalEntry,
+        automatic: bool,
+        reply: oneshot::Sender<Result<Begun, RecordError>>,
     },
     Pause {
         paused: bool,
@@ -128,8 +143,32 @@ impl Task {
                         let _ = reply.send(commit);
                     }));
                 }
+                Command::Begin {
+                    started,
+                    automatic,
+                    reply,
+                } => {
+                    // No automatic run begins while paused, even one planned before the pause
+                    // that waited in its lane.
+                    let begun = if automatic && batch.tentative.paused(&self.ledger) {
+                        let held = JournalEntry {
+                            ts: started.ts,
+                            awake: None,
+                            ..started.next(Event::Skipped)
+                        };
+                        batch.entries.push(held.because(&Skip::Paused));
+                        Begun::Held
+                    } else {
+                        batch.entries.push(started);
+                        Begun::Started
+                    };
+                    replies.push(Box::new(move |commit| {
+                        let _ = reply.send(commit.map(|()| begun));
+                    }));
+                }
                 Command::Pause { paused, reply } => {
-                    if self.ledger.paused() != paused {
+                    if batch.tentative.paused(&self.ledger) != paused {
+                        batch.tentative.set_paused(paused);
                         if !paused {
                             self.planner.deferred_failback(&self.ledger, &mut batch);
                         }
@@ -154,6 +193,7 @@ impl Task {
         // Only what is on disk changes the ledger; after a failed write it is as it was, so
         // Alertmanager's retry can act.
         if commit.is_ok() {
+            self.planner.committed(&batch);
             for entry in batch.entries {
                 self.ledger.apply(entry);
             }
@@ -304,6 +344,24 @@ impl Recorder {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Record { entries, reply })
+            .await
+            .map_err(|_| RecordError::Stopped)?;
+        rx.await.map_err(|_| RecordError::Stopped)?
+    }
+
+    /// Journals the start of a run; an automatic one is held instead while paused.
+    pub async fn begin(
+        &self,
+        started: JournalEntry,
+        automatic: bool,
+    ) -> Result<Begun, RecordError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Begin {
+                started,
+                automatic,
+                reply,
+            })
             .await
             .map_err(|_| RecordError::Stopped)?;
         rx.await.map_err(|_| RecordError::Stopped)?

@@ -1,7 +1,9 @@
-//! Rate limits for the wake relay: a token bucket per client address and one for all clients
-//! together. The table of clients is bounded: past [`MAX_CLIENTS`] the idle ones are dropped,
-//! and an address that finds no room shares one bucket with every other such address, so a
-//! flood from many addresses costs memory for none of them.
+//! Rate limits for the wake relay: a token bucket per client address, charged for every
+//! request before anything else is read, and one for all clients together, charged only for
+//! requests that carried the relay key (so clients without it cannot spend it for the rest).
+//! The table of clients is bounded: past [`MAX_CLIENTS`] the idle ones are dropped, and an
+//! address that finds no room shares one bucket with every other such address, so a flood
+//! from many addresses costs memory for none of them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -79,17 +81,17 @@ impl Throttle {
         }
     }
 
-    /// Admits a request from `client` at `now`, or says when to try again.
-    pub fn admit(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+    /// Charges `client`'s own budget at `now`, or says when to try again.
+    pub fn admit_client(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Buckets {
-            total,
             clients,
             overflow,
             swept,
+            ..
         } = &mut *buckets;
         let per_client = self.per_client;
         if clients.len() >= MAX_CLIENTS
@@ -109,14 +111,22 @@ impl Throttle {
                 .or_insert_with(|| Bucket::full(per_client, now)),
             _ => overflow,
         };
-        // Check both before taking from either.
-        let mut own = *bucket;
-        let mut all = *total;
-        own.take(per_client, now)?;
-        all.take(self.total, now)?;
-        *bucket = own;
-        *total = all;
-        Ok(())
+        bucket.take(per_client, now)
+    }
+
+    /// Charges the budget all clients share at `now`, or says when to try again.
+    pub fn admit_total(&self, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        buckets.total.take(self.total, now)
+    }
+
+    /// Both budgets at once (a client's, then the shared one).
+    pub fn admit(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        self.admit_client(client, now)?;
+        self.admit_total(now)
     }
 
     /// Client addresses tracked now.

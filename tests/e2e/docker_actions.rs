@@ -470,3 +470,85 @@ fn a_name_the_engine_would_read_as_an_id_prefix_hits_no_other_container() {
         "the victim was not restarted"
     );
 }
+
+#[test]
+fn a_game_of_one_second_fails_back_after_the_failover_ends_not_during_it() {
+    let vllm_image = Image::build(
+        "aistack-test/vllm-1s:1",
+        &[("/www/health", "")],
+        &["/bin/busybox", "httpd", "-f", "-p", "8000", "-h", "/www"],
+    );
+    // An Ollama that takes three seconds to answer, as one loading its model cache does.
+    let ollama_image = Image::build(
+        "aistack-test/ollama-slow:1",
+        &[("/www/api/tags", r#"{"models":[]}"#)],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "sleep 3; exec /bin/busybox httpd -f -p 11434 -h /www",
+        ],
+    );
+    let (vllm_port, ollama_port) = (free_port(), free_port());
+    let vllm = Container::run_image(
+        "vllm-1s",
+        &vllm_image.tag,
+        &["--init", "-p", &format!("127.0.0.1:{vllm_port}:8000")],
+    );
+    let ollama = Container::create_image(
+        "ollama-slow",
+        &ollama_image.tag,
+        &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
+    );
+    let exporter = StubServer::start();
+    exporter.set("/api/v1/gpu", 200, &gpu_report(true));
+    let dir = tempfile::tempdir().unwrap();
+    let actions = format!(
+        "  failover:\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 20s\n",
+        vllm.name, ollama.name
+    );
+    let rules = "  - {name: game-on, match: {alertname: AistackGpuHostWorkload}, on: firing, action: failover}\n  - {name: game-off, match: {alertname: AistackGpuHostWorkload}, on: resolved, action: failback}\n";
+    let actioner = actioner(dir.path(), &exporter.url, &actions, rules);
+    let fire = r#"{"version":"4","status":"firing","alerts":[{"status":"firing","labels":{"alertname":"AistackGpuHostWorkload","gpu":"0"},"startsAt":"2026-11-22T21:00:00Z","fingerprint":"s1"}]}"#;
+    assert_eq!(
+        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), fire).status,
+        200
+    );
+    // The game ends a second later, while Ollama is still coming up.
+    std::thread::sleep(Duration::from_secs(1));
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
+    let resolve = fire.replace(
+        r#""status":"firing","labels""#,
+        r#""status":"resolved","labels""#,
+    );
+    assert_eq!(
+        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), &resolve).status,
+        200
+    );
+    let journal = wait_for(Duration::from_secs(60), "the failback to end", || {
+        let tail: Vec<serde_json::Value> = serde_json::from_str(
+            &get_with_token(&actioner.url("/api/v1/actions?limit=100"), TOKEN).body,
+        )
+        .unwrap();
+        tail.iter()
+            .any(|e| e["action"] == "failback" && e["event"] == "succeeded")
+            .then_some(tail)
+    });
+    let seq = |action: &str, event: &str| {
+        journal
+            .iter()
+            .find(|e| e["action"] == action && e["event"] == event)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no {action} {event}: {journal:#?}"))
+    };
+    assert!(
+        seq("failover", "succeeded") < seq("failback", "started"),
+        "the failback began only after the failover ended: {journal:#?}"
+    );
+    let state = get_with_token(&actioner.url("/api/v1/state"), TOKEN).body;
+    assert!(
+        state.contains(r#""inference_backend":"primary""#),
+        "{state}"
+    );
+    assert!(running(&vllm.name), "vLLM serves again");
+}
