@@ -38,6 +38,7 @@ n_port=$(free_port)
 "$NODE" --web.listen-address "127.0.0.1:$n_port" --log.level=warn 2>/dev/null &
 n_pid=$!; pids+=("$n_pid")
 echo "0123456789abcdef" >"$dir/token"
+chmod 0600 "$dir/token"   # the actioner refuses secret files others can read
 cat >"$dir/actioner.yaml" <<YAML
 host: gpu-box
 state_dir: $dir/state

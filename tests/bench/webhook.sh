@@ -16,6 +16,7 @@ load=target/release/examples/webhook_load
 dir=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 echo "0123456789abcdef" >"$dir/token"
+chmod 0600 "$dir/token"   # the actioner refuses secret files others can read
 cat >"$dir/actioner.yaml" <<YAML
 host: gpu-box
 state_dir: $dir/state

@@ -74,15 +74,10 @@ fn journal_lines(state: &Path) -> (Vec<Value>, usize) {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();
-    // journal.N.jsonl are older than journal.jsonl, higher N older still.
+    // Archives (journal-<first seq>.jsonl) are older than the current journal.jsonl.
     files.sort_by_key(|p| {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        std::cmp::Reverse(
-            name.split('.')
-                .nth(1)
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or(0),
-        )
+        (name == "journal.jsonl", name)
     });
     let mut lines = Vec::new();
     let mut torn = 0;
