@@ -203,10 +203,8 @@ impl Shared {
             let _ = self.record(vec![failed]).await;
             return Outcome::Failed(why);
         };
-        let Ok(_slot) = limit.acquire().await else {
-            return Outcome::Failed("shutting down".into());
-        };
         if job.plan.dry_run {
+            // A dry run does nothing: it takes none of the action's places.
             let what = action.describe(job);
             self.metrics.count(kind, "dry_run");
             let skip = Skip::DryRun(what.clone());
@@ -215,6 +213,9 @@ impl Shared {
                 .await;
             return Outcome::DryRun(what);
         }
+        let Ok(_slot) = limit.acquire().await else {
+            return Outcome::Failed("shutting down".into());
+        };
         // What the ledger knew before this run began (a suspend's grace counts from the
         // previous one, not from itself).
         let context = RunContext {
