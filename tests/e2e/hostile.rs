@@ -205,6 +205,30 @@ fn ten_thousand_idle_and_slow_connections_lock_nobody_out() {
     }
 }
 
+/// The journal's files in `state` (not the next file a rotation stages for a moment).
+fn journal_files(state: &Path) -> usize {
+    std::fs::read_dir(state)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name == "journal.jsonl" || name.starts_with("journal-")
+        })
+        .count()
+}
+
+/// Waits until the (dry) run of `fingerprint` has ended: no batch is then in flight, and the
+/// files are as the last one left them.
+fn settled(actioner: &Daemon, fingerprint: &str) {
+    wait_for(Duration::from_secs(10), "the last run to end", || {
+        let tail = get_with_token(&actioner.url("/api/v1/actions?limit=5"), TOKEN).body;
+        let tail: Vec<Value> = serde_json::from_str(&tail).unwrap_or_default();
+        tail.iter()
+            .any(|e| e["alert"]["fingerprint"] == fingerprint && e["reason"] == "dry_run")
+            .then_some(())
+    });
+}
+
 /// The rules file the fault library reads; `rules` empty clears it.
 fn faults(path: &Path, rules: &str) {
     std::fs::write(path, rules).unwrap();
@@ -269,22 +293,24 @@ fn the_journal_survives_disk_and_descriptor_faults_at_every_step() {
         ),
     ] {
         faults(&rules, rule);
-        let files_before = std::fs::read_dir(dir.path().join("state")).unwrap().count();
+        let state = dir.path().join("state");
+        let files_before = journal_files(&state);
         for _ in 0..200 {
             let fingerprint = fresh();
             assert_eq!(send(&actioner, &fingerprint), (200, 1), "{what}");
             answered.push(fingerprint);
         }
         assert_eq!(actioner.get("/healthz").status, 200, "{what}");
-        let files = std::fs::read_dir(dir.path().join("state")).unwrap().count();
+        settled(&actioner, answered.last().unwrap());
+        let files = journal_files(&state);
         assert_eq!(files, files_before, "{what}: no file came or went");
         faults(&rules, "");
         let fingerprint = fresh();
         assert_eq!(send(&actioner, &fingerprint), (200, 1));
+        settled(&actioner, &fingerprint);
         answered.push(fingerprint);
-        let rotated = std::fs::read_dir(dir.path().join("state")).unwrap().count();
         assert_eq!(
-            rotated,
+            journal_files(&state),
             files + 1,
             "{what}: rotated once the fault was gone"
         );
