@@ -33,7 +33,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{Alert, AlertStatus};
-use crate::vocab::{ActionKind, AwakeStamp, Backend, Plan, Reason, RunKey, Skip, Timestamp};
+use crate::vocab::{
+    ActionKind, AwakeStamp, Backend, Plan, Reason, RunKey, Skip, Timestamp, cut_bytes,
+};
 
 /// Longest line read back; longer ones are skipped (no entry is written that long).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -92,7 +94,7 @@ impl AlertRef {
 impl From<&Alert> for AlertRef {
     fn from(alert: &Alert) -> Self {
         Self {
-            name: cut(alert.name(), MAX_ALERT_NAME_BYTES).to_owned(),
+            name: cut_bytes(alert.name(), MAX_ALERT_NAME_BYTES).to_owned(),
             fingerprint: alert.fingerprint.clone(),
             status: alert.status,
             starts_at: alert.starts_at.clone(),
@@ -324,25 +326,13 @@ impl JournalEntry {
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         let mut detail = detail.into();
         if detail.len() > MAX_DETAIL_BYTES {
-            let end = cut(&detail, MAX_DETAIL_BYTES).len();
+            let end = cut_bytes(&detail, MAX_DETAIL_BYTES).len();
             detail.truncate(end);
             detail.push_str("...");
         }
         self.detail = Some(detail);
         self
     }
-}
-
-/// `text` cut to at most `max` bytes at a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Gives an entry written by release 0.1.0 the `reason` tag its `detail` stood for. 0.1.0's

@@ -488,6 +488,18 @@ impl Skip {
     }
 }
 
+/// `text` cut to at most `max` bytes at a character boundary.
+pub fn cut_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Longest label-derived text put into a message, in characters.
 const MAX_QUOTED: usize = 128;
 

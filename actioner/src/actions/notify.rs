@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use self::buttons::{Buttons, NtfyAction};
 use super::{Action, ActionError, Job, RunContext, SetupError};
 use crate::alert::{Alert, AlertStatus};
-use crate::vocab::ActionKind;
+use crate::vocab::{ActionKind, cut_bytes};
 
 /// `actions.notify`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -170,18 +170,6 @@ pub struct NtfyMessage {
     /// Buttons that call back into this actioner (`actions.notify.buttons`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<NtfyAction>,
-}
-
-/// Cuts `text` to at most `max` bytes at a character boundary.
-fn cut_bytes(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// The notification for `alert`.
