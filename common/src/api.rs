@@ -83,6 +83,9 @@ pub struct GpuReport {
     pub nvml_up: bool,
     /// Seconds since the last successful sample; `None` before the first.
     pub sample_age_s: Option<f64>,
+    /// Seconds between two samples of the GPU collector (`collectors.gpu.interval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<f64>,
     /// Every GPU of the last successful sample (none when `nvml_up` is false).
     pub gpus: Vec<GpuState>,
 }
@@ -104,7 +107,8 @@ pub struct GpuState {
     pub host_workload_processes: Vec<String>,
 }
 
-/// The oldest GPU sample that still counts as evidence.
+/// The oldest GPU sample that still counts as evidence: this, or three sampling intervals
+/// when the collector samples more slowly.
 pub const GPU_SAMPLE_MAX_AGE_S: f64 = 30.0;
 
 impl GpuReport {
@@ -117,7 +121,10 @@ impl GpuReport {
         }
         match self.sample_age_s {
             None => return Err("the exporter has no GPU sample yet".into()),
-            Some(age) if age.is_nan() || age > GPU_SAMPLE_MAX_AGE_S => {
+            Some(age)
+                if age.is_nan()
+                    || age > GPU_SAMPLE_MAX_AGE_S.max(3.0 * self.interval_s.unwrap_or(0.0)) =>
+            {
                 return Err(format!("the exporter's last GPU sample is {age:.0}s old"));
             }
             Some(_) => {}
@@ -164,8 +171,16 @@ mod tests {
         let free = GpuReport {
             nvml_up: true,
             sample_age_s: Some(1.0),
+            interval_s: Some(1.0),
             gpus: vec![gpu(false)],
         };
+        // A collector that samples every minute: a 90 s old sample still counts.
+        let slow = GpuReport {
+            sample_age_s: Some(90.0),
+            interval_s: Some(60.0),
+            ..free.clone()
+        };
+        assert_eq!(slow.confirm_free(), Ok(()));
         assert_eq!(free.confirm_free(), Ok(()));
         let busy = GpuReport {
             gpus: vec![

@@ -32,6 +32,8 @@ pub struct AppState {
     idle: Option<Latest<IdleSample>>,
     /// The GPU samples, when the gpu collector runs.
     gpu: Option<Latest<GpuSample>>,
+    /// How often the gpu collector samples (the age a sample may have and still count).
+    gpu_interval: std::time::Duration,
 }
 
 impl AppState {
@@ -43,6 +45,7 @@ impl AppState {
             last_len: Arc::new(AtomicUsize::new(4096)),
             idle: None,
             gpu: None,
+            gpu_interval: crate::collectors::CollectorKind::Gpu.default_interval(),
         }
     }
 
@@ -55,6 +58,12 @@ impl AppState {
     /// Serves the GPUs' host-workload state at `/api/v1/gpu`.
     pub fn with_gpu(mut self, gpu: Option<Latest<GpuSample>>) -> Self {
         self.gpu = gpu;
+        self
+    }
+
+    /// The gpu collector's sampling interval, which `/api/v1/gpu` reports.
+    pub fn with_gpu_interval(mut self, interval: std::time::Duration) -> Self {
+        self.gpu_interval = interval;
         self
     }
 }
@@ -130,7 +139,7 @@ async fn gpu(State(state): State<AppState>) -> Result<Response, ApiError> {
         .gpu
         .as_ref()
         .ok_or(ApiError::Disabled(CollectorKind::Gpu))?;
-    let report = gpu::report(&latest.borrow(), SystemTime::now());
+    let report = gpu::report(&latest.borrow(), SystemTime::now(), state.gpu_interval);
     Ok(Json(report).into_response())
 }
 
@@ -327,6 +336,7 @@ mod tests {
             GpuReport {
                 nvml_up: false,
                 sample_age_s: None,
+                interval_s: Some(1.0),
                 gpus: vec![]
             }
         );

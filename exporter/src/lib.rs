@@ -101,6 +101,7 @@ impl Running {
 pub struct Exporter {
     registry: Arc<Registry>,
     gpu: Option<Latest<GpuSample>>,
+    gpu_interval: std::time::Duration,
     idle: Option<Latest<IdleSample>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -140,6 +141,7 @@ impl Exporter {
         Ok(Self {
             registry: ExporterMetrics::new(run.views).into_registry(),
             gpu: enabled(K::Gpu).then(|| shared.gpu.subscribe()),
+            gpu_interval: config.schedule(K::Gpu).interval,
             idle: enabled(K::Idle).then(|| shared.idle.subscribe()),
             tasks: run.tasks,
         })
@@ -150,6 +152,7 @@ impl Exporter {
     pub fn app_state(&self, telemetry_path: &str) -> AppState {
         AppState::new(self.registry.clone(), telemetry_path)
             .with_gpu(self.gpu.clone())
+            .with_gpu_interval(self.gpu_interval)
             .with_idle(self.idle.clone())
     }
 }
@@ -283,7 +286,10 @@ mod tests {
 
         let (status, body) = get(&exporter, GPU_PATH).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(body, r#"{"nvml_up":false,"sample_age_s":null,"gpus":[]}"#);
+        assert_eq!(
+            body,
+            r#"{"nvml_up":false,"sample_age_s":null,"interval_s":1.0,"gpus":[]}"#
+        );
         let (status, body) = get(&exporter, IDLE_PATH).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body, r#"{"error":"the idle collector is disabled"}"#);

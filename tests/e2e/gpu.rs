@@ -147,7 +147,7 @@ fn without_nvml_the_exporter_says_so_once_and_runs_on() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(
         reply.body,
-        r#"{"nvml_up":false,"sample_age_s":null,"gpus":[]}"#
+        r#"{"nvml_up":false,"sample_age_s":null,"interval_s":1.0,"gpus":[]}"#
     );
 }
 

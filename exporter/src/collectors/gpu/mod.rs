@@ -249,7 +249,7 @@ impl GpuSample {
 /// `nvml_up` is exactly what `aistack_nvml_up` says: true only when the last sample succeeded
 /// (NVML loaded and answered); the GPUs are that sample's, none otherwise. The age counts from
 /// the last successful sample, wall-clock so that time spent suspended counts too.
-pub fn report(snapshot: &Snapshot<GpuSample>, now: SystemTime) -> GpuReport {
+pub fn report(snapshot: &Snapshot<GpuSample>, now: SystemTime, interval: Duration) -> GpuReport {
     let sample_age_s = snapshot
         .status
         .and_then(|s| s.last_success)
@@ -257,6 +257,7 @@ pub fn report(snapshot: &Snapshot<GpuSample>, now: SystemTime) -> GpuReport {
     GpuReport {
         nvml_up: snapshot.sample.is_some(),
         sample_age_s,
+        interval_s: Some(interval.as_secs_f64()),
         gpus: snapshot
             .sample
             .as_deref()
