@@ -84,10 +84,6 @@ pub fn spawn(
     })
 }
 
-fn outcome_timed_out(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::Failed(why) if why.starts_with("timed out after"))
-}
-
 impl Shared {
     /// Journals `entries`, trying again while the journal cannot be written.
     async fn record(&self, entries: Vec<JournalEntry>) -> Result<(), RecordError> {
@@ -184,14 +180,8 @@ impl Shared {
     async fn execute(&self, job: &Job) -> Outcome {
         let kind = job.plan.action;
         let entry = |event| JournalEntry {
-            key: Some(job.key.clone()),
-            rule: Some(job.plan.rule.clone()),
-            action: Some(kind),
-            target: job.plan.target.clone(),
-            alert: job.alert_ref.clone(),
-            dry_run: job.plan.dry_run,
             force: job.force,
-            ..JournalEntry::new(event)
+            ..JournalEntry::run(event, &job.key, &job.plan, job.alert_ref.as_ref())
         };
         let (Some(action), Some(limit)) = (self.actions.get(&kind), self.limits.get(&kind)) else {
             let why = format!("the {kind} action is not available in this config");
@@ -255,6 +245,7 @@ impl Shared {
             Err(elapsed) => Err(elapsed),
         };
         let elapsed = started.elapsed();
+        let timed_out = result.is_err();
         let (end, result_label, outcome) = match result {
             Ok(Ok(done)) => (
                 entry(Event::Succeeded).with_detail(&done),
@@ -292,7 +283,6 @@ impl Shared {
         if end.event == Event::Failed {
             tracing::warn!(action = %kind, key = %job.key, error = end.detail.as_deref().unwrap_or_default(), "action failed");
         }
-        let timed_out = result_label == "failed" && outcome_timed_out(&outcome);
         if let Err(err) = self.record(vec![end]).await {
             tracing::error!(action = %kind, key = %job.key, %err, "could not journal the end of an action");
         }

@@ -377,7 +377,6 @@ async fn wake_relay(
         request: RunRequest {
             action: ActionKind::Wake,
             target,
-            raw_wake: raw_wake.is_some(),
             dry_run: false,
             origin: Origin::Relay,
             once: None,
@@ -460,7 +459,6 @@ async fn trigger(
             request: RunRequest {
                 action: kind,
                 target: request.target,
-                raw_wake: false,
                 dry_run: request.dry_run,
                 origin: Origin::Api,
                 once: None,
@@ -513,7 +511,6 @@ async fn press_button(
             request: RunRequest {
                 action: press.action,
                 target: press.target,
-                raw_wake: false,
                 dry_run: false,
                 origin: Origin::Button,
                 once: Some(Once {

@@ -740,7 +740,11 @@ impl Journal {
         let path = self.dir.join(CURRENT);
         let existed = path.exists();
         let file = self.step(Op::OpenAppend, &path, || {
-            OpenOptions::new().create(true).append(true).open(&path)
+            OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)
         })?;
         let on_disk = self.step(Op::OpenAppend, &path, || file.metadata().map(|m| m.len()))?;
         let recovering = self.failure.is_some();
@@ -748,7 +752,8 @@ impl Journal {
             let len = self.len;
             self.step(Op::Truncate, &path, || file.set_len(len))?;
         } else if on_disk > 0 && !recovering {
-            let ends_cleanly = self.step(Op::Read, &path, || last_byte(&path))? == Some(b'\n');
+            let ends_cleanly =
+                self.step(Op::Read, &path, || last_byte(&file, on_disk))? == Some(b'\n');
             if !ends_cleanly {
                 self.step(Op::Write, &path, || (&file).write_all(b"\n"))?;
             }
@@ -957,16 +962,14 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn last_byte(path: &Path) -> io::Result<Option<u8>> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
+/// The last byte of `file`, `len` bytes long.
+fn last_byte(file: &File, len: u64) -> io::Result<Option<u8>> {
+    use std::os::unix::fs::FileExt as _;
     if len == 0 {
         return Ok(None);
     }
-    file.seek(SeekFrom::Start(len - 1))?;
     let mut byte = [0u8; 1];
-    file.read_exact(&mut byte)?;
+    file.read_exact_at(&mut byte, len - 1)?;
     Ok(Some(byte[0]))
 }
 

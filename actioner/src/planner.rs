@@ -108,6 +108,25 @@ pub struct Batch {
     refusals: Vec<KeyHash>,
 }
 
+impl Batch {
+    /// Plans `job`: its `planned` entry, what later decisions of the batch see, the job.
+    fn plan(
+        &mut self,
+        planned: JournalEntry,
+        job: Job,
+        outcome: Option<oneshot::Sender<Outcome>>,
+        budget: Budget,
+    ) {
+        self.entries.push(planned);
+        self.tentative.planned(&job.key, &job.plan);
+        self.jobs.push(Queued {
+            job,
+            outcome,
+            budget,
+        });
+    }
+}
+
 /// Decides, with the room jobs may take.
 pub struct Planner {
     policy: Policy,
@@ -219,13 +238,7 @@ impl Planner {
                     );
                     continue;
                 };
-                batch.entries.push(JournalEntry::run(
-                    Event::Planned,
-                    &key,
-                    &plan,
-                    Some(&alert_ref),
-                ));
-                batch.tentative.planned(&key, &plan);
+                let planned = JournalEntry::run(Event::Planned, &key, &plan, Some(&alert_ref));
                 let job = Job {
                     key,
                     plan,
@@ -235,11 +248,7 @@ impl Planner {
                     raw_wake: None,
                     force: false,
                 };
-                batch.jobs.push(Queued {
-                    job,
-                    outcome: None,
-                    budget,
-                });
+                batch.plan(planned, job, None, budget);
                 receipt.planned += 1;
             }
         }
@@ -284,12 +293,9 @@ impl Planner {
                 .push(skipped.next(Event::Skipped).because(&Skip::Overloaded));
             return;
         };
-        batch.entries.push(
-            skipped
-                .next(Event::Planned)
-                .with_detail("deferred: the alert resolved while paused"),
-        );
-        batch.tentative.planned(&key, &plan);
+        let planned = skipped
+            .next(Event::Planned)
+            .with_detail("deferred: the alert resolved while paused");
         let job = Job {
             key,
             plan,
@@ -299,11 +305,7 @@ impl Planner {
             raw_wake: None,
             force: false,
         };
-        batch.jobs.push(Queued {
-            job,
-            outcome: None,
-            budget,
-        });
+        batch.plan(planned, job, None, budget);
     }
 
     /// Decides a run a person asked for into `batch`; `Ok` gives the receiver of its outcome.
@@ -356,8 +358,6 @@ impl Planner {
                 raw.mac, raw.broadcast, raw.port
             ));
         }
-        batch.entries.push(planned);
-        batch.tentative.planned(&key, &plan);
         let (tx, rx) = oneshot::channel();
         let job = Job {
             key,
@@ -368,11 +368,7 @@ impl Planner {
             raw_wake: manual.raw_wake,
             force: manual.force,
         };
-        batch.jobs.push(Queued {
-            job,
-            outcome: Some(tx),
-            budget,
-        });
+        batch.plan(planned, job, Some(tx), budget);
         Ok(rx)
     }
 }

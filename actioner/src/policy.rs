@@ -82,10 +82,9 @@ impl Tentative {
 pub struct Request {
     /// The action.
     pub action: ActionKind,
-    /// Its allowlisted target, for actions that take one.
+    /// Its allowlisted target, for actions that take one; the relay sends a raw MAC with
+    /// none, and its own checks (destinations, rate) apply instead.
     pub target: Option<String>,
-    /// The relay's explicit MAC: no allowlisted target, the relay's own checks apply.
-    pub raw_wake: bool,
     /// Plan and journal only.
     pub dry_run: bool,
     /// Who asks.
@@ -208,7 +207,8 @@ impl Policy {
             }
             _ => {}
         }
-        if let Some(request) = request.filter(|r| !r.raw_wake && plan.action.takes_target()) {
+        let raw_wake = |r: &Request| r.origin == Origin::Relay && r.target.is_none();
+        if let Some(request) = request.filter(|r| !raw_wake(r) && plan.action.takes_target()) {
             match &request.target {
                 None => return Err(Skip::NoTarget(plan.action)),
                 Some(t) if !self.rules.allowlists().allows(plan.action, t) => {
@@ -292,12 +292,22 @@ impl Policy {
         })
     }
 
-    fn repairs_within(&self, ledger: &Ledger, target: &str, now: SystemTime) -> u32 {
-        let recent = ledger
+    /// When `target` was repaired within the window, oldest first.
+    fn repairs_in_window<'a>(
+        &'a self,
+        ledger: &'a Ledger,
+        target: &'a str,
+        now: SystemTime,
+    ) -> impl Iterator<Item = SystemTime> + 'a {
+        ledger
             .action_runs(ActionKind::Repair, target)
-            .filter(|at| now.duration_since(*at).unwrap_or(Duration::ZERO) < self.repair.window)
-            .count();
-        u32::try_from(recent).unwrap_or(u32::MAX)
+            .filter(move |at| {
+                now.duration_since(*at).unwrap_or(Duration::ZERO) < self.repair.window
+            })
+    }
+
+    fn repairs_within(&self, ledger: &Ledger, target: &str, now: SystemTime) -> u32 {
+        u32::try_from(self.repairs_in_window(ledger, target, now).count()).unwrap_or(u32::MAX)
     }
 
     /// Until when `target`'s repairs stay exhausted: when enough counted repairs leave the
@@ -308,10 +318,7 @@ impl Policy {
         target: &str,
         now: SystemTime,
     ) -> Option<SystemTime> {
-        let in_window: Vec<SystemTime> = ledger
-            .action_runs(ActionKind::Repair, target)
-            .filter(|at| now.duration_since(*at).unwrap_or(Duration::ZERO) < self.repair.window)
-            .collect();
+        let in_window: Vec<SystemTime> = self.repairs_in_window(ledger, target, now).collect();
         let max = usize::try_from(self.repair.max_attempts).unwrap_or(usize::MAX);
         let over = in_window.len().checked_sub(max)?;
         // The (over+1)-th oldest run must leave the window.

@@ -7,15 +7,16 @@ use std::time::Duration;
 use aistack_actioner::auth::Auth;
 use aistack_actioner::config::Config;
 use aistack_actioner::journal::{Event, Journal, JournalEntry, JournalLimits};
-use aistack_actioner::vocab::Reason;
+use aistack_actioner::vocab::{ActionKind, Reason};
 use aistack_actioner::{Actioner, build_actions};
 use axum::Router;
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
+use axum::http::StatusCode;
 
-const TOKEN: &str = "0123456789abcdef";
+mod support;
+use support::{
+    DOCKER_FAILOVER, GAMING_DRY_RULES, GAMING_RULES, TOKEN, alert, api, call, failed_over_before,
+    read_journal, stand_ins, webhook,
+};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -87,65 +88,6 @@ actions:
     fn journal(&self) -> Vec<JournalEntry> {
         read_journal(&self.dir.path().join("state"))
     }
-}
-
-/// Every entry of the journal in `dir`, oldest first.
-fn read_journal(dir: &std::path::Path) -> Vec<JournalEntry> {
-    let mut entries = Vec::new();
-    Journal::open(dir, JournalLimits::default(), |e| entries.push(e)).unwrap();
-    entries
-}
-
-fn webhook(alerts: &str) -> String {
-    format!(
-        r#"{{"version":"4","groupKey":"{{}}:{{}}","status":"firing","receiver":"aistack","externalURL":"http://am:9093","alerts":[{alerts}]}}"#
-    )
-}
-
-fn alert(name: &str, fingerprint: &str, starts_at: &str, status: &str) -> String {
-    format!(
-        r#"{{"status":"{status}","labels":{{"alertname":"{name}","instance":"gpu-box:9470","severity":"warning"}},"annotations":{{"summary":"s"}},"startsAt":"{starts_at}","endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prom/graph","fingerprint":"{fingerprint}"}}"#
-    )
-}
-
-async fn call(
-    router: &Router,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    content_type: Option<&str>,
-    body: String,
-) -> (StatusCode, serde_json::Value) {
-    let mut request = Request::builder().method(method).uri(path);
-    if let Some(auth) = auth {
-        request = request.header("authorization", auth);
-    }
-    if let Some(ct) = content_type {
-        request = request.header("content-type", ct);
-    }
-    let response = router
-        .clone()
-        .oneshot(request.body(Body::from(body)).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-/// `call` as an API client with the bearer token (and a JSON body, when there is one).
-async fn api(
-    router: &Router,
-    method: &str,
-    path: &str,
-    body: String,
-) -> (StatusCode, serde_json::Value) {
-    let bearer = format!("Bearer {TOKEN}");
-    let content_type = (!body.is_empty()).then_some("application/json");
-    call(router, method, path, Some(&bearer), content_type, body).await
 }
 
 async fn post_alerts(router: &Router, body: String) -> (StatusCode, serde_json::Value) {
@@ -320,7 +262,7 @@ async fn dry_runs_pause_and_manual_triggers() {
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"gpu-box"}"#.into(),
+        r#"{"target":"gpu-box"}"#,
     )
     .await;
     assert_eq!(
@@ -351,7 +293,7 @@ async fn dry_runs_pause_and_manual_triggers() {
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"gpu-box"}"#.into(),
+        r#"{"target":"gpu-box"}"#,
     )
     .await;
     assert_eq!(
@@ -364,7 +306,7 @@ async fn dry_runs_pause_and_manual_triggers() {
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"nas","dry_run":true}"#.into(),
+        r#"{"target":"nas","dry_run":true}"#,
     )
     .await;
     assert_eq!(
@@ -376,7 +318,7 @@ async fn dry_runs_pause_and_manual_triggers() {
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"router"}"#.into(),
+        r#"{"target":"router"}"#,
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -570,7 +512,7 @@ async fn a_run_interrupted_by_a_crash_is_failed_and_not_retried() {
     let mut started = JournalEntry {
         key: Some(key.into()),
         rule: Some("wake-nas".into()),
-        action: Some(aistack_actioner::vocab::ActionKind::Wake),
+        action: Some(ActionKind::Wake),
         target: Some("nas".into()),
         ..JournalEntry::new(Event::Planned)
     };
@@ -608,7 +550,7 @@ async fn a_secureon_password_follows_the_sixteen_macs() {
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"secure"}"#.into(),
+        r#"{"target":"secure"}"#,
     )
     .await;
     assert_eq!(
@@ -627,17 +569,12 @@ async fn the_global_dry_run_holds_for_manual_triggers_too() {
     let setup = Setup::new();
     let mut config = setup.config("");
     config.dry_run = true;
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let actioner = support::start(&config);
     let (status, body) = api(
         &actioner.router,
         "POST",
         "/api/v1/actions/wake",
-        r#"{"target":"nas"}"#.into(),
+        r#"{"target":"nas"}"#,
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -693,12 +630,7 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
             .unwrap()
             .to_owned()
     };
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let actioner = support::start(&config);
     let router = &actioner.router;
     let press =
         |path: String| async move { call(router, "POST", &path, None, None, String::new()).await };
@@ -770,38 +702,11 @@ async fn a_button_waits_out_a_pause_runs_once_and_not_after_its_alert_resolved()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_busy_again() {
-    use aistack_actioner::vocab::ActionKind;
-
     let setup = Setup::new();
-    // The journal of an actioner that failed over earlier.
-    let (mut journal, _) = Journal::open(
-        &setup.dir.path().join("state"),
-        JournalLimits::default(),
-        drop,
-    )
-    .unwrap();
-    let mut history: Vec<JournalEntry> = [Event::Planned, Event::Started, Event::Succeeded]
-        .into_iter()
-        .map(|event| JournalEntry {
-            key: Some("failover|f0|2026-11-22T20:00:00Z|firing".into()),
-            rule: Some("failover".into()),
-            action: Some(ActionKind::Failover),
-            ..JournalEntry::new(event)
-        })
-        .collect();
-    journal.append(&mut history).unwrap();
-    drop(journal);
+    failed_over_before(&setup.dir.path().join("state"));
 
-    let config = setup.config_with(
-        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover, dry_run: true}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback, dry_run: true}",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let config = setup.config_with(GAMING_DRY_RULES, DOCKER_FAILOVER);
+    let actioner = support::start(&config);
     let router = &actioner.router;
     let (_, state) = api(router, "GET", "/api/v1/state", String::new()).await;
     assert_eq!(state["inference_backend"], "fallback");
@@ -874,74 +779,19 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     assert_eq!(deferred(&setup.journal()), 1);
 }
 
-/// Runs of the stand-ins: which action, when it began, when it ended.
-type Runs =
-    std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant, std::time::Instant)>>>;
-
-/// A stand-in for failover or failback: records when each run began and ended.
-struct Recording {
-    kind: aistack_actioner::vocab::ActionKind,
-    took: Duration,
-    runs: Runs,
-}
-
-impl aistack_actioner::actions::Action for Recording {
-    fn kind(&self) -> aistack_actioner::vocab::ActionKind {
-        self.kind
-    }
-
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(30)
-    }
-
-    fn describe(&self, _job: &aistack_actioner::actions::Job) -> String {
-        format!("would {}", self.kind)
-    }
-
-    fn run<'a>(
-        &'a self,
-        _job: &'a aistack_actioner::actions::Job,
-        _context: &'a aistack_actioner::actions::RunContext,
-    ) -> futures_util::future::BoxFuture<'a, Result<String, aistack_actioner::actions::ActionError>>
-    {
-        Box::pin(async move {
-            let began = std::time::Instant::now();
-            tokio::time::sleep(self.took).await;
-            self.runs
-                .lock()
-                .unwrap()
-                .push((self.kind.name(), began, std::time::Instant::now()));
-            Ok(format!("{} done", self.kind))
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_and_failback_never_overlap_whoever_asks() {
-    use aistack_actioner::vocab::ActionKind;
-    use std::sync::Arc;
-
     let setup = Setup::new();
-    let config = setup.config_with(
-        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback}",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
-    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let config = setup.config_with(GAMING_RULES, DOCKER_FAILOVER);
     let mut built = build_actions(&config).unwrap();
-    for (kind, took) in [
-        (ActionKind::Failover, Duration::from_millis(800)),
-        (ActionKind::Failback, Duration::from_millis(200)),
-    ] {
-        built.actions.insert(
-            kind,
-            Arc::new(Recording {
-                kind,
-                took,
-                runs: runs.clone(),
-            }),
-        );
-    }
-    let actioner = Actioner::start(&config, Auth::from_secrets(TOKEN, None, None), built).unwrap();
+    let runs = stand_ins(
+        &mut built,
+        &[
+            (ActionKind::Failover, Duration::from_millis(800)),
+            (ActionKind::Failback, Duration::from_millis(200)),
+        ],
+    );
+    let actioner = support::start_with(&config, built);
     let router = actioner.router.clone();
     // A game starts, and ends while Ollama is still coming up; a person presses failback too.
     let firing = webhook(&alert(
@@ -961,7 +811,7 @@ async fn failover_and_failback_never_overlap_whoever_asks() {
     assert_eq!(post_alerts(&router, resolved).await.0, StatusCode::OK);
     let manual = tokio::spawn({
         let router = router.clone();
-        async move { api(&router, "POST", "/api/v1/actions/failback", "{}".into()).await }
+        async move { api(&router, "POST", "/api/v1/actions/failback", "{}").await }
     });
     let (status, outcome) = manual.await.unwrap();
     assert_eq!(
@@ -969,24 +819,26 @@ async fn failover_and_failback_never_overlap_whoever_asks() {
         (StatusCode::OK, Some("succeeded"))
     );
     for _ in 0..100 {
-        if runs.lock().unwrap().len() == 3 {
+        if runs.all().len() == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let runs = runs.lock().unwrap().clone();
-    let order: Vec<&str> = runs.iter().map(|r| r.0).collect();
     assert_eq!(
-        order,
-        ["failover", "failback", "failback"],
+        runs.kinds(),
+        [
+            ActionKind::Failover,
+            ActionKind::Failback,
+            ActionKind::Failback
+        ],
         "in the order planned"
     );
-    for pair in runs.windows(2) {
+    for pair in runs.all().windows(2) {
         assert!(
-            pair[1].1 >= pair[0].2,
+            pair[1].began >= pair[0].ended,
             "{} began before {} ended",
-            pair[1].0,
-            pair[0].0
+            pair[1].kind,
+            pair[0].kind
         );
     }
     // The state follows the last run: the failback after the failover.
@@ -1007,20 +859,12 @@ async fn failback_wants_positive_evidence_unless_forced() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let exporter_url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, exporter).await });
-    let mut config = setup.config_with(
-        "",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
+    let mut config = setup.config_with("", DOCKER_FAILOVER);
     config.exporter_url = exporter_url;
     config.docker.socket = "unix:///nonexistent/docker.sock".into();
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let actioner = support::start(&config);
     let router = &actioner.router;
-    let (status, outcome) = api(router, "POST", "/api/v1/actions/failback", "{}".into()).await;
+    let (status, outcome) = api(router, "POST", "/api/v1/actions/failback", "{}").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(outcome["status"], "skipped", "{outcome}");
     assert!(
@@ -1032,7 +876,7 @@ async fn failback_wants_positive_evidence_unless_forced() {
         router,
         "POST",
         "/api/v1/actions/failback",
-        r#"{"force": true}"#.into(),
+        r#"{"force": true}"#,
     )
     .await;
     assert_eq!(outcome["status"], "failed", "{outcome}");
@@ -1055,7 +899,7 @@ async fn failback_wants_positive_evidence_unless_forced() {
         router,
         "POST",
         "/api/v1/actions/failover",
-        r#"{"force": true}"#.into(),
+        r#"{"force": true}"#,
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -1,5 +1,8 @@
 //! Attacks through the config: values check-config accepts that break the running actioner,
 //! and secret files anyone may change.
+//!
+//! Each test's comment tells what the attack did before the code was mended; its name, what
+//! must hold now.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;

@@ -1,12 +1,14 @@
 //! Attacks on the actioner's HTTP surface: connections held busy by slow request bodies, and
 //! the wake relay's shared rate limit spent by clients without a key.
+//!
+//! Each test's comment tells what the attack did before the code was mended; its name, what
+//! must hold now.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use aistack_actioner::auth::Auth;
-use aistack_actioner::config::Config;
 use aistack_actioner::{Actioner, build_actions};
 use aistack_common::server::{ConnectionLimits, serve_until};
 use axum::body::Body;
@@ -14,27 +16,11 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use tower::ServiceExt;
 
-const TOKEN: &str = "0123456789abcdef";
-
-fn config(state: &std::path::Path) -> Config {
-    let yaml = format!(
-        r#"
-host: gpu-box
-state_dir: {state}
-auth: {{bearer_token_file: /dev/null}}
-rules: []
-actions:
-  wake:
-    targets:
-      nas: {{mac: "aa:bb:cc:dd:ee:ff", broadcast: 127.0.0.1, port: 9}}
-"#,
-        state = state.display(),
-    );
-    aistack_common::config::parse(&yaml).unwrap_or_else(|p| panic!("{p:?}"))
-}
+mod support;
+use support::{TOKEN, config};
 
 fn start(dir: &std::path::Path) -> Actioner {
-    let config = config(&dir.join("state"));
+    let config = config(&dir.join("state"), "", "");
     Actioner::start(
         &config,
         Auth::from_secrets(TOKEN, None, Some("relay-key")),

@@ -1,5 +1,8 @@
 //! Attacks on the journal: sequence numbers read back, odd files in the state directory,
 //! and checkpoints against the size limit.
+//!
+//! Each test's comment tells what the attack did before the code was mended; its name, what
+//! must hold now.
 
 use std::path::Path;
 

@@ -1,118 +1,34 @@
 //! Attacks on the recorder's batches and the executor's lanes: decisions made together in one
 //! batch, runs queued behind a lane when the state changes, journal faults between planning
 //! and acting.
+//!
+//! Each test's comment tells what the attack did before the code was mended; its name, what
+//! must hold now.
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use aistack_actioner::actions::{Action, ActionError, Actions, Job, RunContext};
+use aistack_actioner::actions::Actions;
 use aistack_actioner::alert::parse_payload;
-use aistack_actioner::auth::Auth;
+use aistack_actioner::build_actions;
 use aistack_actioner::config::Config;
-use aistack_actioner::journal::{Event, FaultPlan, Journal, JournalEntry, JournalLimits, Op};
+use aistack_actioner::journal::{Event, FaultPlan, Journal, JournalLimits, Op};
 use aistack_actioner::ledger::{Ledger, Snapshot};
 use aistack_actioner::metrics::Metrics;
 use aistack_actioner::policy::{Policy, RepairBudget};
 use aistack_actioner::recorder::Recorder;
 use aistack_actioner::rules::RuleSet;
 use aistack_actioner::vocab::{ActionKind, Reason};
-use aistack_actioner::{Actioner, build_actions};
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use futures_util::future::BoxFuture;
-use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
-use tower::ServiceExt;
 
-const TOKEN: &str = "0123456789abcdef";
-
-fn config(state: &Path, rules: &str, actions: &str) -> Config {
-    let yaml = format!(
-        r#"
-host: gpu-box
-state_dir: {state}
-auth: {{bearer_token_file: /dev/null}}
-rules:
-  - {{name: wake-nas, match: {{alertname: NasNeeded}}, action: wake, target: nas}}
-{rules}
-actions:
-  wake:
-    targets:
-      nas: {{mac: "aa:bb:cc:dd:ee:ff", broadcast: 127.0.0.1, port: 9}}
-{actions}
-"#,
-        state = state.display(),
-    );
-    aistack_common::config::parse(&yaml).unwrap_or_else(|p| panic!("{p:?}"))
-}
-
-fn webhook(name: &str, fingerprint: &str, status: &str) -> String {
-    format!(
-        r#"{{"version":"4","groupKey":"g","status":"{status}","receiver":"aistack","externalURL":"http://am:9093","alerts":[{{"status":"{status}","labels":{{"alertname":"{name}","instance":"gpu-box:9470"}},"annotations":{{}},"startsAt":"2026-11-22T21:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prom","fingerprint":"{fingerprint}"}}]}}"#
-    )
-}
-
-fn read_journal(dir: &Path) -> Vec<JournalEntry> {
-    let mut entries = Vec::new();
-    Journal::open(dir, JournalLimits::default(), |e| entries.push(e)).unwrap();
-    entries
-}
-
-async fn api(
-    router: &axum::Router,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (StatusCode, serde_json::Value) {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {TOKEN}"));
-    if !body.is_empty() {
-        request = request.header("content-type", "application/json");
-    }
-    let response = router
-        .clone()
-        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
-}
-
-/// A stand-in action: counts its runs, each taking `took`.
-struct Counting {
-    kind: ActionKind,
-    took: Duration,
-    runs: Arc<Mutex<Vec<ActionKind>>>,
-}
-
-impl Action for Counting {
-    fn kind(&self) -> ActionKind {
-        self.kind
-    }
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(30)
-    }
-    fn describe(&self, _job: &Job) -> String {
-        format!("would {}", self.kind)
-    }
-    fn run<'a>(
-        &'a self,
-        _job: &'a Job,
-        _context: &'a RunContext,
-    ) -> BoxFuture<'a, Result<String, ActionError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.took).await;
-            self.runs.lock().unwrap().push(self.kind);
-            Ok(format!("{} done", self.kind))
-        })
-    }
-}
+mod support;
+use support::{
+    DOCKER_FAILOVER, GAMING_DRY_RULES, GAMING_RULES, api, config, failed_over_before, one_alert,
+    post_ok, read_journal, stand_ins, start, start_with,
+};
 
 /// POST /api/v1/pause then POST /api/v1/resume, both answered 200, decided in one batch (the
 /// recorder was busy with an fsync when they came): the resume is dropped, because the second
@@ -122,12 +38,7 @@ impl Action for Counting {
 async fn a_resume_right_after_a_pause_is_not_lost() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dir.path().join("state"), "", "");
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let actioner = start(&config);
     let recorder = &actioner.recorder;
     let (paused, resumed) = tokio::join!(recorder.set_paused(true), recorder.set_paused(false));
     assert_eq!((paused, resumed), (Ok(()), Ok(())));
@@ -143,15 +54,10 @@ async fn a_resume_right_after_a_pause_is_not_lost() {
 async fn nothing_is_planned_after_a_pause_in_the_same_batch() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dir.path().join("state"), "", "");
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    let actioner = start(&config);
     let recorder = &actioner.recorder;
     let payload =
-        parse_payload(webhook("NasNeeded", "00000000000000b1", "firing").as_bytes()).unwrap();
+        parse_payload(one_alert("NasNeeded", "00000000000000b1", "firing").as_bytes()).unwrap();
     let (paused, receipt) = tokio::join!(recorder.set_paused(true), recorder.webhook(payload));
     assert_eq!(paused, Ok(()));
     let journal = read_journal(&dir.path().join("state"));
@@ -172,43 +78,23 @@ async fn nothing_is_planned_after_a_pause_in_the_same_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_queued_behind_a_failover_does_not_start_after_a_pause() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &dir.path().join("state"),
-        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback}",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
-    let runs = Arc::new(Mutex::new(Vec::new()));
+    let config = config(&dir.path().join("state"), GAMING_RULES, DOCKER_FAILOVER);
     let mut built = build_actions(&config).unwrap();
-    for (kind, took) in [
-        (ActionKind::Failover, Duration::from_millis(1500)),
-        (ActionKind::Failback, Duration::from_millis(10)),
-    ] {
-        built.actions.insert(
-            kind,
-            Arc::new(Counting {
-                kind,
-                took,
-                runs: runs.clone(),
-            }),
-        );
-    }
-    let actioner = Actioner::start(&config, Auth::from_secrets(TOKEN, None, None), built).unwrap();
+    let runs = stand_ins(
+        &mut built,
+        &[
+            (ActionKind::Failover, Duration::from_millis(1500)),
+            (ActionKind::Failback, Duration::from_millis(10)),
+        ],
+    );
+    let actioner = start_with(&config, built);
     let router = &actioner.router;
-    let firing = webhook("Gaming", "00000000000000c1", "firing");
-    assert_eq!(
-        api(router, "POST", "/api/v1/alerts", &firing).await.0,
-        StatusCode::OK
-    );
+    let firing = one_alert("Gaming", "00000000000000c1", "firing");
+    post_ok(router, "/api/v1/alerts", &firing).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let resolved = webhook("Gaming", "00000000000000c1", "resolved");
-    assert_eq!(
-        api(router, "POST", "/api/v1/alerts", &resolved).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        api(router, "POST", "/api/v1/pause", "").await.0,
-        StatusCode::OK
-    );
+    let resolved = one_alert("Gaming", "00000000000000c1", "resolved");
+    post_ok(router, "/api/v1/alerts", &resolved).await;
+    post_ok(router, "/api/v1/pause", "").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let journal = read_journal(&dir.path().join("state"));
     let paused_at = journal
@@ -223,7 +109,7 @@ async fn a_failback_queued_behind_a_failover_does_not_start_after_a_pause() {
     assert!(
         started_after.is_empty(),
         "rule runs started after the pause was answered: {started_after:?}; ran {:?}",
-        runs.lock().unwrap()
+        runs.kinds()
     );
 }
 
@@ -234,7 +120,7 @@ struct FailNth {
     countdown: AtomicUsize,
     errno: i32,
     /// Also fail every truncate while set (a disk that gives EIO on both).
-    truncate_fails: std::sync::atomic::AtomicBool,
+    truncate_fails: AtomicBool,
 }
 
 impl FaultPlan for FailNth {
@@ -301,25 +187,17 @@ async fn a_transient_fault_on_started_does_not_lose_the_action_for_good() {
         "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover}",
         "  failover:\n    docker: {primary: vllm, fallback: ollama}",
     );
-    let runs = Arc::new(Mutex::new(Vec::new()));
-    let mut actions = build_actions(&config).unwrap().actions;
-    actions.insert(
-        ActionKind::Failover,
-        Arc::new(Counting {
-            kind: ActionKind::Failover,
-            took: Duration::ZERO,
-            runs: runs.clone(),
-        }),
-    );
+    let mut built = build_actions(&config).unwrap();
+    let runs = stand_ins(&mut built, &[(ActionKind::Failover, Duration::ZERO)]);
     // Write 1: the webhook's batch. Write 2: the run's "started".
     let faults = Arc::new(FailNth {
         op: Op::Write,
         countdown: AtomicUsize::new(2),
         errno: 28,
-        truncate_fails: std::sync::atomic::AtomicBool::new(false),
+        truncate_fails: AtomicBool::new(false),
     });
-    let recorder = start_with_faults(&config, actions, faults);
-    let body = webhook("Gaming", "00000000000000d1", "firing");
+    let recorder = start_with_faults(&config, built.actions, faults);
+    let body = one_alert("Gaming", "00000000000000d1", "firing");
     let first = recorder
         .webhook(parse_payload(body.as_bytes()).unwrap())
         .await;
@@ -334,7 +212,7 @@ async fn a_transient_fault_on_started_does_not_lose_the_action_for_good() {
     let summary: Vec<(Event, Option<Reason>)> =
         journal.iter().map(|e| (e.event, e.reason)).collect();
     assert_eq!(
-        runs.lock().unwrap().len(),
+        runs.all().len(),
         1,
         "the failover never ran; the re-send got {again:?}; journal {summary:?}"
     );
@@ -352,7 +230,7 @@ async fn a_pause_answered_500_is_not_in_force_after_a_restart() {
         op: Op::Sync,
         countdown: AtomicUsize::new(2),
         errno: 5,
-        truncate_fails: std::sync::atomic::AtomicBool::new(true),
+        truncate_fails: AtomicBool::new(true),
     });
     let recorder = start_with_faults(
         &config,
@@ -362,7 +240,7 @@ async fn a_pause_answered_500_is_not_in_force_after_a_restart() {
     assert!(recorder.set_paused(true).await.is_err(), "answered 500");
     assert!(!recorder.snapshot().paused);
     // While the failed batch cannot be cut off, nothing is written after it.
-    let body = webhook("Other", "00000000000000e1", "firing");
+    let body = one_alert("Other", "00000000000000e1", "firing");
     assert!(
         recorder
             .webhook(parse_payload(body.as_bytes()).unwrap())
@@ -396,52 +274,15 @@ async fn a_pause_answered_500_is_not_in_force_after_a_restart() {
 async fn a_dry_run_while_paused_does_not_cancel_the_deferred_failback() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    // The journal of an actioner that failed over earlier.
-    let (mut journal, _) = Journal::open(&state, JournalLimits::default(), drop).unwrap();
-    let mut history: Vec<JournalEntry> = [Event::Planned, Event::Started, Event::Succeeded]
-        .into_iter()
-        .map(|event| JournalEntry {
-            key: Some("failover|f0|2026-11-22T20:00:00Z|firing".into()),
-            rule: Some("failover".into()),
-            action: Some(ActionKind::Failover),
-            ..JournalEntry::new(event)
-        })
-        .collect();
-    journal.append(&mut history).unwrap();
-    drop(journal);
-    let config = config(
-        &state,
-        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover, dry_run: true}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback, dry_run: true}",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
-    let actioner = Actioner::start(
-        &config,
-        Auth::from_secrets(TOKEN, None, None),
-        build_actions(&config).unwrap(),
-    )
-    .unwrap();
+    failed_over_before(&state);
+    let config = config(&state, GAMING_DRY_RULES, DOCKER_FAILOVER);
+    let actioner = start(&config);
     let router = &actioner.router;
-    assert_eq!(
-        api(router, "POST", "/api/v1/pause", "").await.0,
-        StatusCode::OK
-    );
-    let resolved = webhook("Gaming", "00000000000000f1", "resolved");
-    assert_eq!(
-        api(router, "POST", "/api/v1/alerts", &resolved).await.0,
-        StatusCode::OK
-    );
-    let (status, outcome) = api(
-        router,
-        "POST",
-        "/api/v1/actions/failover",
-        r#"{"dry_run":true}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{outcome}");
-    assert_eq!(
-        api(router, "POST", "/api/v1/resume", "").await.0,
-        StatusCode::OK
-    );
+    post_ok(router, "/api/v1/pause", "").await;
+    let resolved = one_alert("Gaming", "00000000000000f1", "resolved");
+    post_ok(router, "/api/v1/alerts", &resolved).await;
+    post_ok(router, "/api/v1/actions/failover", r#"{"dry_run":true}"#).await;
+    post_ok(router, "/api/v1/resume", "").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let journal = read_journal(&state);
     let deferred = journal.iter().any(|e| {
@@ -466,51 +307,28 @@ async fn a_dry_run_while_paused_does_not_cancel_the_deferred_failback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_during_a_failover_keeps_the_deferred_failback() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &dir.path().join("state"),
-        "  - {name: failover, match: {alertname: Gaming}, on: firing, action: failover}\n  - {name: failback, match: {alertname: Gaming}, on: resolved, action: failback}",
-        "  failover:\n    docker: {primary: vllm, fallback: ollama}",
-    );
-    let runs = Arc::new(Mutex::new(Vec::new()));
+    let config = config(&dir.path().join("state"), GAMING_RULES, DOCKER_FAILOVER);
     let mut built = build_actions(&config).unwrap();
-    for (kind, took) in [
-        (ActionKind::Failover, Duration::from_millis(1500)),
-        (ActionKind::Failback, Duration::from_millis(10)),
-    ] {
-        built.actions.insert(
-            kind,
-            Arc::new(Counting {
-                kind,
-                took,
-                runs: runs.clone(),
-            }),
-        );
-    }
-    let actioner = Actioner::start(&config, Auth::from_secrets(TOKEN, None, None), built).unwrap();
+    let runs = stand_ins(
+        &mut built,
+        &[
+            (ActionKind::Failover, Duration::from_millis(1500)),
+            (ActionKind::Failback, Duration::from_millis(10)),
+        ],
+    );
+    let actioner = start_with(&config, built);
     let router = &actioner.router;
-    let firing = webhook("Gaming", "00000000000000c2", "firing");
-    assert_eq!(
-        api(router, "POST", "/api/v1/alerts", &firing).await.0,
-        StatusCode::OK
-    );
+    let firing = one_alert("Gaming", "00000000000000c2", "firing");
+    post_ok(router, "/api/v1/alerts", &firing).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        api(router, "POST", "/api/v1/pause", "").await.0,
-        StatusCode::OK
-    );
-    let resolved = webhook("Gaming", "00000000000000c2", "resolved");
-    assert_eq!(
-        api(router, "POST", "/api/v1/alerts", &resolved).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        api(router, "POST", "/api/v1/resume", "").await.0,
-        StatusCode::OK
-    );
+    post_ok(router, "/api/v1/pause", "").await;
+    let resolved = one_alert("Gaming", "00000000000000c2", "resolved");
+    post_ok(router, "/api/v1/alerts", &resolved).await;
+    post_ok(router, "/api/v1/resume", "").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, state) = api(router, "GET", "/api/v1/state", "").await;
     assert_eq!(
-        *runs.lock().unwrap(),
+        runs.kinds(),
         [ActionKind::Failover, ActionKind::Failback],
         "the game ended, yet inference stays on the {}",
         state["inference_backend"]

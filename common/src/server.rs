@@ -194,7 +194,7 @@ pub async fn serve_until(
                     ));
                 } else {
                     // Every connection is busy with a request: this one is shed at once.
-                    table.shed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "every connection is busy: shed");
                     drop(stream);
                 }
             }
@@ -252,8 +252,6 @@ struct ConnectionTable {
     start: Instant,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Connection>>>,
-    /// Connections closed unserved because every one was busy.
-    shed: AtomicU64,
 }
 
 impl Default for ConnectionTable {
@@ -262,7 +260,6 @@ impl Default for ConnectionTable {
             start: Instant::now(),
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
-            shed: AtomicU64::new(0),
         }
     }
 }
@@ -569,6 +566,12 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     "slow"
                 }),
+            )
+            .route(
+                "/upload",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                ),
             );
         runtime.spawn(serve_until(
             listener,
@@ -646,27 +649,7 @@ mod tests {
 
     #[test]
     fn clients_dribbling_a_body_hold_no_protected_place() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let address = listener.local_addr().unwrap();
-        let router = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/upload",
-                axum::routing::post(
-                    |body: axum::body::Bytes| async move { body.len().to_string() },
-                ),
-            );
-        runtime.spawn(serve_until(
-            listener,
-            router,
-            limits(4, Duration::from_secs(30)),
-            std::future::pending(),
-        ));
+        let (address, _runtime) = start(limits(4, Duration::from_secs(30)));
         let slow: Vec<_> = (0..8)
             .map(|_| {
                 let mut s = std::net::TcpStream::connect(address).unwrap();

@@ -44,6 +44,82 @@ fn trigger(actioner: &Daemon, action: &str, body: &str) -> serde_json::Value {
     serde_json::from_str(&reply.body).unwrap()
 }
 
+/// Rules that fail over while a game holds the GPU, and back when it ends.
+const GAME_RULES: &str = "  - {name: game-on, match: {alertname: AistackGpuHostWorkload}, on: firing, action: failover}\n  - {name: game-off, match: {alertname: AistackGpuHostWorkload}, on: resolved, action: failback}\n";
+
+/// The host-workload alert for GPU 0, as Alertmanager sends it, `firing` or `resolved`.
+fn game(fingerprint: &str, status: &str) -> String {
+    format!(
+        r#"{{"version":"4","status":"{status}","alerts":[{{"status":"{status}","labels":{{"alertname":"AistackGpuHostWorkload","gpu":"0"}},"startsAt":"2026-11-22T21:00:00Z","fingerprint":"{fingerprint}"}}]}}"#
+    )
+}
+
+/// Containers for vLLM and Ollama, and an actioner failing over between them that re-checks
+/// the GPU with a stand-in exporter.
+struct Backends {
+    actioner: Daemon,
+    exporter: StubServer,
+    vllm: Container,
+    ollama: Container,
+    _dir: tempfile::TempDir,
+}
+
+impl Backends {
+    /// Containers named `names` from `images` (vLLM's, then Ollama's): vLLM running when
+    /// `on_primary`, else Ollama; the exporter says a game holds the GPU when `gaming`.
+    fn start(
+        names: [&str; 2],
+        images: [&Image; 2],
+        on_primary: bool,
+        gaming: bool,
+        primary_timeout: &str,
+        rules: &str,
+    ) -> Self {
+        let (vllm_port, ollama_port) = (free_port(), free_port());
+        let container = |running: bool, name, image: &Image, ports: String| {
+            let args = ["--init", "-p", &ports];
+            if running {
+                Container::run_image(name, &image.tag, &args)
+            } else {
+                Container::create_image(name, &image.tag, &args)
+            }
+        };
+        let vllm = container(
+            on_primary,
+            names[0],
+            images[0],
+            format!("127.0.0.1:{vllm_port}:8000"),
+        );
+        let ollama = container(
+            !on_primary,
+            names[1],
+            images[1],
+            format!("127.0.0.1:{ollama_port}:11434"),
+        );
+        let exporter = StubServer::start();
+        exporter.set("/api/v1/gpu", 200, &gpu_report(gaming));
+        let dir = tempfile::tempdir().unwrap();
+        let actions = format!(
+            "  failover:\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: {primary_timeout}\n",
+            vllm.name, ollama.name
+        );
+        let actioner = actioner(dir.path(), &exporter.url, &actions, rules);
+        Self {
+            actioner,
+            exporter,
+            vllm,
+            ollama,
+            _dir: dir,
+        }
+    }
+
+    /// Sends `webhook` to the actioner, which must take it.
+    fn alert(&self, webhook: &str) {
+        let reply = post_json(&self.actioner.url("/api/v1/alerts"), Some(TOKEN), webhook);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+}
+
 #[test]
 fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
     let vllm_image = Image::build(
@@ -59,34 +135,25 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
         &[("/www/api/tags", r#"{"models":[]}"#)],
         &["/bin/busybox", "httpd", "-f", "-p", "11434", "-h", "/www"],
     );
-    let (vllm_port, ollama_port) = (free_port(), free_port());
-    let vllm = Container::run_image(
-        "vllm",
-        &vllm_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{vllm_port}:8000")],
+    let backends = Backends::start(
+        ["vllm", "ollama"],
+        [&vllm_image, &ollama_image],
+        true,
+        true,
+        "20s",
+        GAME_RULES,
     );
-    let ollama = Container::create_image(
-        "ollama",
-        &ollama_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
-    );
-    let exporter = StubServer::start();
-    exporter.set("/api/v1/gpu", 200, &gpu_report(true));
-    let dir = tempfile::tempdir().unwrap();
-    let actions = format!(
-        "  failover:\n    platform: docker\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 20s\n",
-        vllm.name, ollama.name
-    );
-    let rules = "  - {name: game-on, match: {alertname: AistackGpuHostWorkload}, on: firing, action: failover}\n  - {name: game-off, match: {alertname: AistackGpuHostWorkload}, on: resolved, action: failback}\n";
-    let actioner = actioner(dir.path(), &exporter.url, &actions, rules);
+    let Backends {
+        actioner,
+        exporter,
+        vllm,
+        ollama,
+        ..
+    } = &backends;
 
     // Someone starts a game: the alert fires.
     let started = Instant::now();
-    let fire = r#"{"version":"4","status":"firing","alerts":[{"status":"firing","labels":{"alertname":"AistackGpuHostWorkload","gpu":"0"},"startsAt":"2026-11-22T21:00:00Z","fingerprint":"g1"}]}"#;
-    assert_eq!(
-        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), fire).status,
-        200
-    );
+    backends.alert(&game("g1", "firing"));
     wait_for(Duration::from_secs(30), "the fallback to serve", || {
         let reply = get_with_token(&actioner.url("/api/v1/state"), TOKEN);
         reply
@@ -103,7 +170,7 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
     );
 
     // Failing over again changes nothing.
-    let again = trigger(&actioner, "failover", "{}");
+    let again = trigger(actioner, "failover", "{}");
     assert_eq!(again["status"], "succeeded");
     assert!(
         again["detail"]
@@ -114,14 +181,7 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
     );
 
     // The alert resolves while the game still holds the GPU (a flap): no failback.
-    let resolve = fire.replace(
-        r#""status":"firing","labels""#,
-        r#""status":"resolved","labels""#,
-    );
-    assert_eq!(
-        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), &resolve).status,
-        200
-    );
+    backends.alert(&game("g1", "resolved"));
     let skipped = wait_for(
         Duration::from_secs(15),
         "the failback to be skipped",
@@ -146,7 +206,7 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_only_when_it_is_healthy() {
     // The game ends: failback brings vLLM back once it answers.
     exporter.set("/api/v1/gpu", 200, &gpu_report(false));
     let started = Instant::now();
-    let back = trigger(&actioner, "failback", "{}");
+    let back = trigger(actioner, "failback", "{}");
     assert_eq!(back["status"], "succeeded", "{back}");
     eprintln!(
         "ML mode (failback to vLLM healthy): {:.1}s; {}",
@@ -179,26 +239,20 @@ fn a_primary_that_never_answers_leaves_the_fallback_serving() {
         &[("/www/api/tags", r#"{"models":[]}"#)],
         &["/bin/busybox", "httpd", "-f", "-p", "11434", "-h", "/www"],
     );
-    let (vllm_port, ollama_port) = (free_port(), free_port());
-    let vllm = Container::create_image(
-        "vllm-broken",
-        &broken_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{vllm_port}:8000")],
+    let Backends {
+        actioner,
+        vllm,
+        ollama,
+        ..
+    } = &Backends::start(
+        ["vllm-broken", "ollama-b"],
+        [&broken_image, &ollama_image],
+        false,
+        false,
+        "3s",
+        "  []",
     );
-    let ollama = Container::run_image(
-        "ollama-b",
-        &ollama_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
-    );
-    let exporter = StubServer::start();
-    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
-    let dir = tempfile::tempdir().unwrap();
-    let actions = format!(
-        "  failover:\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 3s\n",
-        vllm.name, ollama.name
-    );
-    let actioner = actioner(dir.path(), &exporter.url, &actions, "  []");
-    let back = trigger(&actioner, "failback", "{}");
+    let back = trigger(actioner, "failback", "{}");
     assert_eq!(back["status"], "failed", "{back}");
     assert!(
         back["detail"]
@@ -489,42 +543,25 @@ fn a_game_of_one_second_fails_back_after_the_failover_ends_not_during_it() {
             "sleep 3; exec /bin/busybox httpd -f -p 11434 -h /www",
         ],
     );
-    let (vllm_port, ollama_port) = (free_port(), free_port());
-    let vllm = Container::run_image(
-        "vllm-1s",
-        &vllm_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{vllm_port}:8000")],
+    let backends = Backends::start(
+        ["vllm-1s", "ollama-slow"],
+        [&vllm_image, &ollama_image],
+        true,
+        true,
+        "20s",
+        GAME_RULES,
     );
-    let ollama = Container::create_image(
-        "ollama-slow",
-        &ollama_image.tag,
-        &["--init", "-p", &format!("127.0.0.1:{ollama_port}:11434")],
-    );
-    let exporter = StubServer::start();
-    exporter.set("/api/v1/gpu", 200, &gpu_report(true));
-    let dir = tempfile::tempdir().unwrap();
-    let actions = format!(
-        "  failover:\n    docker: {{primary: {}, fallback: {}}}\n    primary_health_url: http://127.0.0.1:{vllm_port}/health\n    fallback_health_url: http://127.0.0.1:{ollama_port}/api/tags\n    primary_timeout: 20s\n",
-        vllm.name, ollama.name
-    );
-    let rules = "  - {name: game-on, match: {alertname: AistackGpuHostWorkload}, on: firing, action: failover}\n  - {name: game-off, match: {alertname: AistackGpuHostWorkload}, on: resolved, action: failback}\n";
-    let actioner = actioner(dir.path(), &exporter.url, &actions, rules);
-    let fire = r#"{"version":"4","status":"firing","alerts":[{"status":"firing","labels":{"alertname":"AistackGpuHostWorkload","gpu":"0"},"startsAt":"2026-11-22T21:00:00Z","fingerprint":"s1"}]}"#;
-    assert_eq!(
-        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), fire).status,
-        200
-    );
+    let Backends {
+        actioner,
+        exporter,
+        vllm,
+        ..
+    } = &backends;
+    backends.alert(&game("s1", "firing"));
     // The game ends a second later, while Ollama is still coming up.
     std::thread::sleep(Duration::from_secs(1));
     exporter.set("/api/v1/gpu", 200, &gpu_report(false));
-    let resolve = fire.replace(
-        r#""status":"firing","labels""#,
-        r#""status":"resolved","labels""#,
-    );
-    assert_eq!(
-        post_json(&actioner.url("/api/v1/alerts"), Some(TOKEN), &resolve).status,
-        200
-    );
+    backends.alert(&game("s1", "resolved"));
     let journal = wait_for(Duration::from_secs(60), "the failback to end", || {
         let tail: Vec<serde_json::Value> = serde_json::from_str(
             &get_with_token(&actioner.url("/api/v1/actions?limit=100"), TOKEN).body,

@@ -139,7 +139,6 @@ fn pause_holds_rules_and_people_but_not_a_persons_dry_run_or_the_relay() {
     let wake = |origin, dry_run| Request {
         action: ActionKind::Wake,
         target: Some("nas".into()),
-        raw_wake: false,
         dry_run,
         origin,
         once: None,
@@ -163,7 +162,6 @@ fn people_name_allowlisted_targets_and_wait_out_the_actions_longest_cooldown() {
     let request = |target: Option<&str>| Request {
         action: ActionKind::Wake,
         target: target.map(Into::into),
-        raw_wake: false,
         dry_run: false,
         origin: Origin::Api,
         once: None,
@@ -194,7 +192,6 @@ fn people_name_allowlisted_targets_and_wait_out_the_actions_longest_cooldown() {
     // A relayed raw MAC has no target to hold a cooldown for.
     let raw = Request {
         target: None,
-        raw_wake: true,
         origin: Origin::Relay,
         ..request(None)
     };
@@ -222,7 +219,6 @@ fn repairs_stop_at_the_budget_for_rules_only() {
     let person = Request {
         action: ActionKind::Repair,
         target: Some("ollama".into()),
-        raw_wake: false,
         dry_run: false,
         origin: Origin::Api,
         once: None,
@@ -256,7 +252,6 @@ fn a_button_runs_once_and_not_after_its_alert_resolved() {
     let press = Request {
         action: ActionKind::Failback,
         target: None,
-        raw_wake: false,
         dry_run: false,
         origin: Origin::Button,
         once: Some(Once {
