@@ -610,6 +610,6 @@ async fn landing() -> Html<String> {
     ))
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
-    aistack_common::http::metrics_response(&state.metrics.registry, &state.last_len)
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    aistack_common::http::metrics_response(&state.metrics.registry, &headers, &state.last_len)
 }

@@ -52,10 +52,11 @@ pub struct IdleReport {
     pub idle_for_s: u64,
     /// `idle.idle_timeout_seconds`.
     pub threshold_s: u64,
-    /// CPU idle share over the window, percent.
-    pub cpu_idle_pct: f64,
-    /// Idle share of the busiest GPU over the window, percent (100 without GPUs).
-    pub gpu_idle_pct: f64,
+    /// CPU idle share over the window, percent; `null` while unknown (no CPU reading yet).
+    pub cpu_idle_pct: Option<f64>,
+    /// Idle share of the busiest GPU over the window, percent; `null` while unknown (no GPU
+    /// reading: NVML down, or no GPU).
+    pub gpu_idle_pct: Option<f64>,
     /// Whether the host may be suspended now.
     pub suspend_ready: bool,
     /// Why not, gate by gate.

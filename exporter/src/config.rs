@@ -78,6 +78,22 @@ pub struct ServiceConfig {
     pub process: Option<String>,
 }
 
+impl ServiceConfig {
+    /// The server's root, which the probes' paths are joined to. vLLM, LocalAI and Ollama are
+    /// often given with the OpenAI-style base users copy into clients (`http://host:8000/v1`):
+    /// that `/v1` is dropped, so the probes ask `/health`, not `/v1/health`. An `http` service's
+    /// URL is the probe itself and is used as given.
+    pub fn base_url(&self) -> &str {
+        let url = self.url.trim_end_matches('/');
+        match self.kind {
+            ServiceKind::Vllm | ServiceKind::Localai | ServiceKind::Ollama => {
+                url.strip_suffix("/v1").unwrap_or(url)
+            }
+            ServiceKind::Openwebui | ServiceKind::Http => &self.url,
+        }
+    }
+}
+
 /// `services[].kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]

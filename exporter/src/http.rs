@@ -10,7 +10,7 @@ use aistack_common::api::{GPU_PATH, IDLE_PATH};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -143,14 +143,14 @@ async fn gpu(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(Json(report).into_response())
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
-    aistack_common::http::metrics_response(&state.registry, &state.last_len)
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    aistack_common::http::metrics_response(&state.registry, &headers, &state.last_len)
 }
 
 #[cfg(test)]
 mod tests {
     use aistack_common::api::{GpuReport, IdleReport, IdleState};
-    use aistack_common::http::OPENMETRICS_CONTENT_TYPE;
+    use aistack_common::http::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
     use axum::body::Body;
     use axum::http::{Request, header};
     use http_body_util::BodyExt;
@@ -163,8 +163,17 @@ mod tests {
     use crate::metrics::ExporterMetrics;
 
     async fn get(router: Router, path: &str) -> (StatusCode, String, String) {
+        get_accepting(router, path, "*/*").await
+    }
+
+    async fn get_accepting(
+        router: Router,
+        path: &str,
+        accept: &str,
+    ) -> (StatusCode, String, String) {
+        let request = Request::get(path).header(header::ACCEPT, accept);
         let response = router
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .oneshot(request.body(Body::empty()).unwrap())
             .await
             .unwrap();
         let status = response.status();
@@ -190,8 +199,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn metrics_are_openmetrics_with_build_info() {
-        let (status, content_type, body) = get(router("/metrics"), "/metrics").await;
+    async fn metrics_are_openmetrics_when_asked_with_build_info() {
+        let accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3";
+        let (status, content_type, body) =
+            get_accepting(router("/metrics"), "/metrics", accept).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
         assert!(
@@ -203,6 +214,12 @@ mod tests {
             "{body}"
         );
         assert!(body.ends_with("# EOF\n"), "{body}");
+
+        let (status, content_type, body) = get(router("/metrics"), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, TEXT_CONTENT_TYPE);
+        assert!(body.contains("aistack_exporter_build_info{version=\""));
+        assert!(!body.contains("# EOF"), "{body}");
     }
 
     #[tokio::test]
@@ -253,8 +270,8 @@ mod tests {
                     state: IdleState::Idle,
                     idle_for: Duration::from_secs(1900),
                     threshold: Duration::from_secs(1800),
-                    cpu_idle_pct: 98.234,
-                    gpu_idle_pct: 100.0,
+                    cpu_idle_pct: Some(98.234),
+                    gpu_idle_pct: Some(100.0),
                     suspend_ready: false,
                     gates: vec![Gate {
                         kind: GateKind::Inhibitor,
@@ -281,6 +298,21 @@ mod tests {
             report.not_ready_because().as_deref(),
             Some("inhibitor: Steam (Downloading)")
         );
+
+        // No CPU reading yet and NVML down: unknown is null, not "100 % busy" (0.1.0 said 0.0).
+        tx.send_modify(|s| {
+            let mut sample = (**s.sample.as_ref().unwrap()).clone();
+            sample.verdict.cpu_idle_pct = None;
+            sample.verdict.gpu_idle_pct = None;
+            s.sample = Some(Arc::new(sample));
+        });
+        let (_, _, body) = get(router(), IDLE_PATH).await;
+        assert!(
+            body.contains(r#""cpu_idle_pct":null,"gpu_idle_pct":null"#),
+            "{body}"
+        );
+        let report: IdleReport = serde_json::from_str(&body).unwrap();
+        assert_eq!((report.cpu_idle_pct, report.gpu_idle_pct), (None, None));
     }
 
     fn process(pid: u32, name: &str, service: &str, host_workload: bool) -> GpuProcess {

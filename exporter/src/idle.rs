@@ -224,10 +224,11 @@ pub struct Verdict {
     pub idle_for: Duration,
     /// `idle_timeout_seconds`.
     pub threshold: Duration,
-    /// CPU idle share over the window, percent.
-    pub cpu_idle_pct: f64,
-    /// Idle share of the busiest GPU over the window, percent (100 without GPUs).
-    pub gpu_idle_pct: f64,
+    /// CPU idle share over the window, percent; `None` while no CPU reading is in it.
+    pub cpu_idle_pct: Option<f64>,
+    /// Idle share of the busiest GPU over the window, percent; `None` while no GPU reading is
+    /// in it (NVML down, or no GPU).
+    pub gpu_idle_pct: Option<f64>,
     /// Idle long enough and no gate blocks.
     pub suspend_ready: bool,
     /// Gates blocking now.
@@ -356,8 +357,8 @@ impl IdleEngine {
             state: self.state,
             idle_for,
             threshold,
-            cpu_idle_pct: cpu.map_or(0.0, |u| (1.0 - u) * 100.0),
-            gpu_idle_pct: gpu.map_or(100.0, |u| (1.0 - u) * 100.0),
+            cpu_idle_pct: cpu.map(|u| (1.0 - u) * 100.0),
+            gpu_idle_pct: gpu.map(|u| (1.0 - u) * 100.0),
             suspend_ready: self.state == IdleState::Idle
                 && idle_for >= threshold
                 && o.gates.is_empty(),
@@ -440,7 +441,7 @@ mod tests {
         assert_eq!(v.idle_for, Duration::from_secs(60));
         assert!(v.suspend_ready);
         assert_eq!(v.threshold, Duration::from_secs(60));
-        assert!((v.cpu_idle_pct - 98.0).abs() < 1e-9);
+        assert!((v.cpu_idle_pct.unwrap() - 98.0).abs() < 1e-9);
     }
 
     #[test]
@@ -510,7 +511,7 @@ mod tests {
         }
         let v = v.unwrap();
         assert_eq!(v.state, IdleState::Idle);
-        assert_eq!(v.gpu_idle_pct, 100.0);
+        assert_eq!(v.gpu_idle_pct, Some(100.0));
     }
 
     #[test]

@@ -191,8 +191,9 @@ fn services(
     schedule: Schedule,
     discovery: Option<&Publisher<DockerSample>>,
 ) -> Result<ServicesCollector, StartError> {
-    let services = ServicesCollector::new(config.services.clone(), schedule.timeout)
-        .map_err(StartError::HttpClient)?;
+    let services =
+        ServicesCollector::new(config.services.clone(), schedule.timeout, schedule.interval)
+            .map_err(StartError::HttpClient)?;
     Ok(match discovery {
         Some(docker) => services.with_discovery(docker.subscribe()),
         None => services,

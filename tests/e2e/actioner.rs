@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aistack_tests::{Daemon, fixtures, parse_openmetrics, run};
+use aistack_tests::{Daemon, check_text_format, fixtures, parse_openmetrics, run};
 
 const ACTIONER: &str = "aistack-actioner";
 
@@ -43,10 +43,16 @@ fn serves_healthz_and_metrics_with_a_valid_config() {
     let actioner = Daemon::start(ACTIONER, &["--config.file", &config]);
     let health = actioner.get("/healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok"));
-    let metrics = actioner.get("/metrics");
+    let metrics = actioner.scrape();
     assert_eq!(metrics.status, 200);
     let families =
         parse_openmetrics(&metrics.body).unwrap_or_else(|e| panic!("{e}\n{}", metrics.body));
+    let text = actioner.get("/metrics");
+    assert_eq!(
+        text.content_type,
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    check_text_format(&text.body).unwrap_or_else(|e| panic!("{e}\n{}", text.body));
     for family in [
         "aistack_actioner_build_info",
         "aistack_actioner_paused",

@@ -98,13 +98,13 @@ fn containers_running_health_and_restarts_from_the_real_engine() {
         Duration::from_secs(30),
         "health verdicts and a restart",
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             let settled = health(&body, &healthy.name) == Some("healthy")
                 && health(&body, &unhealthy.name) == Some("unhealthy")
                 && value(
                     &body,
                     &format!(
-                        r#"aistack_container_restarts{{container="{}"}}"#,
+                        r#"aistack_container_restarts_total{{container="{}"}}"#,
                         crashing.name
                     ),
                 )
@@ -132,7 +132,7 @@ fn containers_running_health_and_restarts_from_the_real_engine() {
         value(
             &body,
             &format!(
-                r#"aistack_container_restarts{{container="{}"}}"#,
+                r#"aistack_container_restarts_total{{container="{}"}}"#,
                 plain.name
             )
         ),
@@ -147,7 +147,7 @@ fn containers_running_health_and_restarts_from_the_real_engine() {
         Duration::from_secs(10),
         "the removed container to go",
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             (!body.contains(&removed)).then_some(body)
         },
     );
@@ -172,7 +172,7 @@ fn a_missing_socket_is_docker_up_0_until_it_appears() {
         ],
     );
     let body = wait_for(Duration::from_secs(10), "docker_up 0", || {
-        let body = exporter.get("/metrics").body;
+        let body = exporter.scrape().body;
         (value(&body, "aistack_docker_up") == Some(0.0)).then_some(body)
     });
     assert_eq!(
@@ -188,7 +188,7 @@ fn a_missing_socket_is_docker_up_0_until_it_appears() {
     // The engine "comes back": the socket appears where the config says.
     std::os::unix::fs::symlink("/var/run/docker.sock", &socket).unwrap();
     wait_for(Duration::from_secs(10), "docker_up 1", || {
-        (value(&exporter.get("/metrics").body, "aistack_docker_up") == Some(1.0)).then_some(())
+        (value(&exporter.scrape().body, "aistack_docker_up") == Some(1.0)).then_some(())
     });
     let log = exporter.log();
     assert!(
@@ -220,7 +220,7 @@ fn docker_host_wins_over_the_configured_socket() {
     wait_for(
         Duration::from_secs(10),
         "docker_up 1 through DOCKER_HOST",
-        || (value(&exporter.get("/metrics").body, "aistack_docker_up") == Some(1.0)).then_some(()),
+        || (value(&exporter.scrape().body, "aistack_docker_up") == Some(1.0)).then_some(()),
     );
 }
 
@@ -274,7 +274,7 @@ fn gpu_processes_are_named_after_their_container() {
         Duration::from_secs(15),
         "the process named after its container",
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             body.contains(&want).then_some(body)
         },
     );
@@ -356,7 +356,7 @@ fn gpu_processes_in_discovered_inference_containers_are_no_host_workload() {
         Duration::from_secs(15),
         "the process attributed to the discovered service",
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             body.contains(&want).then_some(body)
         },
     );
@@ -373,7 +373,7 @@ fn gpu_processes_in_discovered_inference_containers_are_no_host_workload() {
         other.name
     );
     let body = wait_for(Duration::from_secs(15), "the second process", || {
-        let body = exporter.get("/metrics").body;
+        let body = exporter.scrape().body;
         body.contains(&want).then_some(body)
     });
     assert_eq!(workload(&body), Some(true), "{body}");
@@ -416,7 +416,7 @@ fn containers_of_known_inference_images_are_discovered_and_probed() {
         Duration::from_secs(20),
         "the discovered Ollama to be up",
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             (value(&body, &up) == Some(1.0)).then_some(body)
         },
     );

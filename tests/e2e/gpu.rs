@@ -24,7 +24,7 @@ fn wait_for_value(exporter: &Daemon, series: &str, want: f64) -> String {
         Duration::from_secs(20),
         &format!("{series} = {want}"),
         || {
-            let body = exporter.get("/metrics").body;
+            let body = exporter.scrape().body;
             (value(&body, series) == Some(want)).then_some(body)
         },
     )
@@ -192,7 +192,7 @@ fn the_gpu_api_sees_a_game_start_and_quit_next_to_an_inference_service() {
     let age = json["sample_age_s"].as_f64().unwrap();
     assert!((0.0..5.0).contains(&age), "{json}");
     // The same as the metrics the alert rules read.
-    let body = exporter.get("/metrics").body;
+    let body = exporter.scrape().body;
     let gpu = r#"{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER"}"#;
     assert_eq!(value(&body, "aistack_nvml_up"), Some(1.0));
     assert_eq!(
@@ -213,7 +213,7 @@ fn the_gpu_api_sees_a_game_start_and_quit_next_to_an_inference_service() {
     );
     assert_eq!(
         value(
-            &exporter.get("/metrics").body,
+            &exporter.scrape().body,
             &format!("aistack_gpu_host_workload_active{gpu}")
         ),
         Some(0.0)
@@ -227,10 +227,7 @@ fn the_gpu_api_sees_a_game_start_and_quit_next_to_an_inference_service() {
     let json = wait_for_api(&exporter, "NVML down", |j| j["nvml_up"] == false);
     assert_eq!(json["gpus"], serde_json::json!([]));
     assert!(json["sample_age_s"].as_f64().is_some(), "{json}");
-    assert_eq!(
-        value(&exporter.get("/metrics").body, "aistack_nvml_up"),
-        Some(0.0)
-    );
+    assert_eq!(value(&exporter.scrape().body, "aistack_nvml_up"), Some(0.0));
 }
 
 #[test]
@@ -299,7 +296,7 @@ fn a_recorded_rtx_4080_through_the_nvml_c_api() {
     // The GPU's watts are in the host estimate.
     let host = wait_for(Duration::from_secs(10), "a host estimate", || {
         value(
-            &exporter.get("/metrics").body,
+            &exporter.scrape().body,
             "aistack_host_power_estimated_watts",
         )
     });
@@ -380,4 +377,76 @@ fn a_driver_that_goes_away_and_comes_back_is_survived() {
     );
     // One init at start, failed retries with backoff while gone (1 s, 2 s, ...), one that works.
     assert!((3..=6).contains(&inits), "{inits} inits:\n{calls}");
+}
+
+/// Transcodes churning on the GPU, and a pid NVML lists twice (two contexts): through the C
+/// API, one series per pid, the service's always, the 8 largest others, the rest summed.
+#[test]
+fn process_series_stay_unique_and_bounded_through_the_nvml_c_api() {
+    let dir = tempfile::tempdir().unwrap();
+    add_process(
+        dir.path(),
+        7001,
+        "ollama",
+        &["/usr/local/bin/ollama", "serve"],
+    );
+    let mut processes = vec![
+        serde_json::json!({"pid": 7001, "kind": "compute", "used_memory_bytes": 1u64 << 20}),
+        serde_json::json!({"pid": 7002, "kind": "compute", "used_memory_bytes": 300u64 << 20}),
+        serde_json::json!({"pid": 7002, "kind": "compute", "used_memory_bytes": 100u64 << 20}),
+    ];
+    for i in 0..30_u64 {
+        add_process(
+            dir.path(),
+            8000 + i as u32,
+            "ffmpeg",
+            &["ffmpeg", "-hwaccel", "cuda"],
+        );
+        processes.push(serde_json::json!({
+            "pid": 8000 + i, "kind": "compute", "used_memory_bytes": (10 + i) << 20
+        }));
+    }
+    add_process(dir.path(), 7002, "python3", &["python3", "train.py"]);
+    let mut scenario = recorded("rtx-4080-super.json");
+    scenario["devices"][0]["processes"] = serde_json::Value::Array(processes);
+    let exporter = start(dir.path(), &scenario);
+    let body = wait_for(Duration::from_secs(20), "the processes", || {
+        let body = exporter.scrape().body;
+        body.contains(r#"service="ollama""#).then_some(body)
+    });
+    let lines: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("aistack_gpu_process_memory_bytes{"))
+        .collect();
+    let keys: std::collections::HashSet<&str> = lines
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().0)
+        .collect();
+    assert_eq!(keys.len(), lines.len(), "duplicate series:\n{body}");
+    // ollama + python3 + 7 ffmpeg of their own + one "other" sum.
+    assert_eq!(lines.len(), 1 + 8 + 1, "{body}");
+    let mib = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap() / f64::from(1 << 20))
+    };
+    assert_eq!(
+        mib(r#"pid="7002""#),
+        Some(400.0),
+        "two contexts, one series"
+    );
+    assert_eq!(
+        mib(r#"pid="7001""#),
+        Some(1.0),
+        "a service keeps its series"
+    );
+    assert_eq!(mib(r#"pid="8029""#), Some(39.0));
+    assert_eq!(mib(r#"pid="8023""#), Some(33.0));
+    assert_eq!(mib(r#"pid="8022""#), None);
+    assert_eq!(
+        mib(r#"pid="",process="other""#),
+        Some((10..=32).sum::<u32>().into())
+    );
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
 }

@@ -65,7 +65,7 @@ fn inhibitors_and_sessions_gate_suspend_within_one_interval() {
     let exporter = start(&login1, dir.path());
 
     let body = wait_for(Duration::from_secs(15), "logind_up 1", || {
-        let body = exporter.get("/metrics").body;
+        let body = exporter.scrape().body;
         (value(&body, "aistack_logind_up") == Some(1.0)).then_some(body)
     });
     assert_eq!(
@@ -114,6 +114,9 @@ fn inhibitors_and_sessions_gate_suspend_within_one_interval() {
         "{json}"
     );
     assert_eq!(json["threshold_s"], 60);
+    // No NVML here: the GPU's idle share is unknown, null (0.1.0 claimed 100); the CPU's known.
+    assert!(json["gpu_idle_pct"].is_null(), "{json}");
+    assert!(json["cpu_idle_pct"].as_f64().is_some(), "{json}");
     assert_eq!(
         json["gating_reasons"],
         serde_json::json!([]),
@@ -131,7 +134,7 @@ fn inhibitors_and_sessions_gate_suspend_within_one_interval() {
         serde_json::json!(["inhibitor: backup (copying 2 TB)"])
     );
     assert_eq!(json["suspend_ready"], false);
-    let body = exporter.get("/metrics").body;
+    let body = exporter.scrape().body;
     assert_eq!(
         value(&body, r#"aistack_idle_gate_blocking{reason="inhibitor"}"#),
         Some(1.0)
@@ -182,7 +185,7 @@ fn without_the_bus_logind_is_down_and_the_engine_runs_on() {
 
     login1.bus.stop();
     let body = wait_for(Duration::from_secs(10), "logind_up 0", || {
-        let body = exporter.get("/metrics").body;
+        let body = exporter.scrape().body;
         (value(&body, "aistack_logind_up") == Some(0.0)).then_some(body)
     });
     assert!(!body.contains("aistack_logind_inhibitors{"), "{body}");

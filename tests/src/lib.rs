@@ -201,10 +201,19 @@ fn agent() -> ureq::Agent {
 
 /// GET `url`.
 pub fn get(url: &str) -> Reply {
-    let mut response = agent()
-        .get(url)
-        .call()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    get_with(url, &[])
+}
+
+/// What Prometheus 2.x sends as `Accept` when it scrapes (its default `scrape_protocols`).
+pub const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+
+/// GET `url` with extra request headers.
+pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = agent().get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
     Reply {
         status: response.status().as_u16(),
         content_type: response
@@ -214,6 +223,36 @@ pub fn get(url: &str) -> Reply {
             .unwrap_or_default()
             .to_owned(),
         body: response.body_mut().read_to_string().unwrap(),
+    }
+}
+
+/// Checks `text` with `promtool check metrics`, the classic text format's reference linter;
+/// returns its complaint when it has one.
+pub fn check_text_format(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool: {e} (./tests/run installs prometheus)"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("promtool check metrics ({}): {said}", out.status))
     }
 }
 
@@ -328,6 +367,11 @@ impl Daemon {
     /// GET a path.
     pub fn get(&self, path: &str) -> Reply {
         get(&self.url(path))
+    }
+
+    /// GET `/metrics` as Prometheus does, asking for OpenMetrics.
+    pub fn scrape(&self) -> Reply {
+        get_with(&self.url("/metrics"), &[("accept", PROMETHEUS_ACCEPT)])
     }
 
     /// The process id.

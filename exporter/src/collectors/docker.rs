@@ -1,6 +1,6 @@
 //! `docker`: the Docker engine and its containers, through bollard — `docker_up`,
 //! `docker_nvidia_runtime`, and per container `container_running`, `container_health` and
-//! `container_restarts`.
+//! `container_restarts_total`.
 //!
 //! Cost stays flat with many containers: each cycle makes one `info` and one `list` call; a
 //! container is inspected (for its RestartCount) only when it is new or the engine's event
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use aistack_common::docker::{connect, endpoint};
 
 use super::{Collector, CollectorError, EncodeSample};
-use crate::metrics::{gauge, gauge_family};
+use crate::metrics::{counter_family, gauge, gauge_family};
 
 pub use aistack_common::docker::DockerConfig;
 
@@ -153,10 +153,10 @@ impl EncodeSample for DockerSample {
                 })
             }),
         )?;
-        gauge_family(
+        counter_family(
             encoder,
             "container_restarts",
-            "How many times the engine restarted the container (RestartCount).",
+            "How many times the engine restarted the container (RestartCount); starts again at 0 when the container is recreated.",
             None,
             self.containers.iter().filter_map(|c| {
                 let labels = ContainerLabels {

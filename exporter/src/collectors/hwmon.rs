@@ -5,7 +5,7 @@
 //! directory. `sensor` is `tempN_label` when the chip labels it uniquely, else `tempN`. A sensor
 //! that fails to read (ENODATA and EIO are common while a device sleeps) is left out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -140,6 +140,7 @@ impl HwmonSample {
             *name_count.entry(base(chip)).or_default() += 1;
         }
         let mut temperatures = Vec::new();
+        let mut seen: HashSet<(String, String)> = HashSet::new();
         for chip in chips {
             let name = base(chip);
             let chip_label = if name_count[&name] > 1 {
@@ -154,12 +155,27 @@ impl HwmonSample {
                 }
             }
             for (index, t) in &chip.temps {
-                let sensor = match &t.label {
+                let by_index = format!("temp{index}");
+                let mut sensor = match &t.label {
                     Some(label) if label_count[label.as_str()] == 1 => label.clone(),
-                    _ => format!("temp{index}"),
+                    _ => by_index.clone(),
                 };
+                // Unique by construction: a label may repeat another sensor's index name
+                // (`temp1_label` = "temp2"), and one device may register two chips.
+                if seen.contains(&(chip_label.clone(), sensor.clone())) {
+                    sensor = by_index;
+                }
+                let chip_label = if seen.contains(&(chip_label.clone(), sensor.clone())) {
+                    format!("{chip_label}_{}", chip.dir)
+                } else {
+                    chip_label.clone()
+                };
+                if !seen.insert((chip_label.clone(), sensor.clone())) {
+                    tracing::debug!(collector = "hwmon", chip = %chip_label, %sensor, "duplicate sensor skipped");
+                    continue;
+                }
                 temperatures.push(Temperature {
-                    chip: chip_label.clone(),
+                    chip: chip_label,
                     sensor,
                     celsius: t.millicelsius as f64 / 1000.0,
                 });
@@ -318,5 +334,45 @@ mod tests {
             .map(|t| t.sensor)
             .collect();
         assert_eq!(sensors, ["temp1", "temp2", "temp3", "y"]);
+    }
+
+    /// Fed duplicated upstream data (a label naming another sensor's index, one device that
+    /// registered two chips), every series is still unique.
+    #[test]
+    fn series_are_unique_by_construction() {
+        let chips = [
+            chip(
+                "hwmon0",
+                Some("nvme"),
+                Some("nvme0"),
+                &[(1, Some("temp2"), 1000), (2, None, 2000)],
+            ),
+            chip(
+                "hwmon1",
+                Some("nvme"),
+                Some("nvme0"),
+                &[(1, Some("Composite"), 3000)],
+            ),
+            chip(
+                "hwmon2",
+                Some("nvme"),
+                Some("nvme0"),
+                &[(1, Some("Composite"), 4000)],
+            ),
+        ];
+        let series: Vec<(String, String, f64)> = HwmonSample::from_chips(&chips)
+            .temperatures
+            .into_iter()
+            .map(|t| (t.chip, t.sensor, t.celsius))
+            .collect();
+        let unique: HashSet<(&str, &str)> = series
+            .iter()
+            .map(|(c, s, _)| (c.as_str(), s.as_str()))
+            .collect();
+        assert_eq!(unique.len(), series.len(), "{series:?}");
+        assert_eq!(series.len(), 4, "nothing lost: {series:?}");
+        assert_eq!(series[0], ("nvme_nvme0".into(), "temp2".into(), 1.0));
+        assert_eq!(series[1], ("nvme_nvme0_hwmon0".into(), "temp2".into(), 2.0));
+        assert_eq!(series[3], ("nvme_nvme0".into(), "temp1".into(), 4.0));
     }
 }

@@ -157,8 +157,8 @@ impl IdleSample {
             state: v.state,
             idle_for_s: v.idle_for.as_secs(),
             threshold_s: v.threshold.as_secs(),
-            cpu_idle_pct: round(v.cpu_idle_pct),
-            gpu_idle_pct: round(v.gpu_idle_pct),
+            cpu_idle_pct: v.cpu_idle_pct.map(round),
+            gpu_idle_pct: v.gpu_idle_pct.map(round),
             suspend_ready: v.suspend_ready,
             gating_reasons: v.gates.iter().map(ToString::to_string).collect(),
         }

@@ -243,4 +243,47 @@ mod tests {
         assert!(!inhibitor("handle-lid-switch", "block").blocks_sleep());
         assert!(!inhibitor("sleepy", "block").blocks_sleep());
     }
+
+    /// logind lists one lock per holder: two identical locks (two Steam downloads, two SSH
+    /// sessions) are one series counting 2, never two series.
+    #[test]
+    fn identical_locks_and_sessions_are_one_series_with_a_count() {
+        let session = |id: &str| SessionInfo {
+            id: id.into(),
+            user: "alice".into(),
+            class: "user".into(),
+            remote: true,
+            remote_host: "10.0.0.5".into(),
+        };
+        let sample = LogindSample {
+            inhibitors: vec![
+                inhibitor("sleep", "block"),
+                inhibitor("sleep", "block"),
+                inhibitor("sleep", "delay"),
+            ],
+            sessions: vec![session("3"), session("4")],
+        };
+        #[derive(Debug)]
+        struct One(LogindSample);
+        impl prometheus_client::collector::Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+                self.0.encode(&mut encoder)
+            }
+        }
+        let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
+        registry.register_collector(Box::new(One(sample)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            series,
+            [
+                "aistack_logind_up 1.0",
+                r#"aistack_logind_inhibitors{who="x",why="y",what="sleep",mode="block"} 2.0"#,
+                r#"aistack_logind_inhibitors{who="x",why="y",what="sleep",mode="delay"} 1.0"#,
+                r#"aistack_logind_sessions{class="user",remote="true"} 2.0"#,
+            ],
+            "{text}"
+        );
+    }
 }

@@ -33,11 +33,20 @@ pub struct ZoneReading {
     pub max_energy_range_uj: Option<u64>,
 }
 
-/// Whether a powercap directory entry is a top-level RAPL zone (`intel-rapl:N`).
+/// The id of a top-level RAPL zone from its powercap directory name, `None` for anything
+/// else. The kernel names zones `"%s:%x"` (drivers/powercap/powercap_sys.c): package 10 is
+/// `intel-rapl:a`, and a sub-zone appends another `:%x` (`intel-rapl:a:1`).
+pub fn top_level_zone_id(dir_name: &str) -> Option<u32> {
+    let id = dir_name.strip_prefix("intel-rapl:")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(id, 16).ok()
+}
+
+/// Whether a powercap directory entry is a top-level RAPL zone (`intel-rapl:N`, N in hex).
 pub fn is_top_level_zone(dir_name: &str) -> bool {
-    dir_name
-        .strip_prefix("intel-rapl:")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    top_level_zone_id(dir_name).is_some()
 }
 
 /// The package label of a zone name: `package-0` -> `0`; `None` for other zones (`psys`).
@@ -72,7 +81,17 @@ pub fn read_zones(
             Err(err) => skipped.push(err),
         }
     }
-    zones.sort_by(|a, b| a.zone.cmp(&b.zone));
+    // In zone id order (`intel-rapl:a` after `intel-rapl:9`); one series per package label:
+    // a second zone naming the same package measures it again.
+    zones.sort_by_key(|z| top_level_zone_id(&z.zone));
+    let mut packages = std::collections::HashSet::new();
+    zones.retain(|z| {
+        let first = packages.insert(z.package.clone());
+        if !first {
+            tracing::debug!(collector = "rapl", zone = %z.zone, package = %z.package, "skipping a second zone for the same package");
+        }
+        first
+    });
     Ok((zones, skipped))
 }
 
@@ -288,6 +307,12 @@ mod tests {
     fn zone_names() {
         assert!(is_top_level_zone("intel-rapl:0"));
         assert!(is_top_level_zone("intel-rapl:12"));
+        assert_eq!(top_level_zone_id("intel-rapl:a"), Some(10));
+        assert_eq!(top_level_zone_id("intel-rapl:1f"), Some(31));
+        assert_eq!(top_level_zone_id("intel-rapl:10"), Some(16));
+        assert!(!is_top_level_zone("intel-rapl:a:0"));
+        assert!(!is_top_level_zone("intel-rapl:g"));
+        assert!(!is_top_level_zone("intel-rapl:+1"));
         assert!(!is_top_level_zone("intel-rapl:0:1"));
         assert!(!is_top_level_zone("intel-rapl-mmio:0"));
         assert!(!is_top_level_zone("intel-rapl"));
@@ -420,5 +445,51 @@ mod tests {
 
         let err = read_zones(&powercap.join("absent")).unwrap_err();
         assert!(err.is_no_data());
+    }
+
+    /// A 12-socket host: the kernel names packages 10 and 11 `intel-rapl:a` and `intel-rapl:b`
+    /// (and their sub-zones `intel-rapl:a:0`); every package counts, in id order, once.
+    #[test]
+    fn hex_zone_ids_count_and_a_package_is_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let powercap = dir.path();
+        for id in 0..12_u32 {
+            let zone = powercap.join(format!("intel-rapl:{id:x}"));
+            std::fs::create_dir_all(zone.join(format!("intel-rapl:{id:x}:0"))).unwrap();
+            std::fs::write(zone.join("name"), format!("package-{id}\n")).unwrap();
+            std::fs::write(zone.join("energy_uj"), format!("{}\n", 1000 + id)).unwrap();
+            let sub = zone.join(format!("intel-rapl:{id:x}:0"));
+            std::fs::write(sub.join("name"), "core\n").unwrap();
+            std::fs::write(sub.join("energy_uj"), "7\n").unwrap();
+            // The kernel's class directory links every zone and sub-zone at the top.
+            std::os::unix::fs::symlink(&sub, powercap.join(format!("intel-rapl:{id:x}:0")))
+                .unwrap();
+        }
+        // A second top-level zone claiming package 3 (a firmware quirk) adds nothing.
+        let again = powercap.join("intel-rapl:c");
+        std::fs::create_dir_all(&again).unwrap();
+        std::fs::write(again.join("name"), "package-3\n").unwrap();
+        std::fs::write(again.join("energy_uj"), "99\n").unwrap();
+
+        let (zones, skipped) = read_zones(powercap).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let seen: Vec<(&str, &str, u64)> = zones
+            .iter()
+            .map(|z| (z.zone.as_str(), z.package.as_str(), z.energy_uj))
+            .collect();
+        let want: Vec<(String, String, u64)> = (0..12_u32)
+            .map(|id| {
+                (
+                    format!("intel-rapl:{id:x}"),
+                    id.to_string(),
+                    1000 + u64::from(id),
+                )
+            })
+            .collect();
+        let want: Vec<(&str, &str, u64)> = want
+            .iter()
+            .map(|(z, p, e)| (z.as_str(), p.as_str(), *e))
+            .collect();
+        assert_eq!(seen, want);
     }
 }

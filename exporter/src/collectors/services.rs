@@ -14,7 +14,7 @@
 //! docker collector runs — containers of known inference images, probed on the host port they
 //! publish.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::docker::DockerSample;
 use super::{Collector, CollectorError, EncodeSample, Latest};
 use crate::config::{ServiceConfig, ServiceKind};
-use crate::metrics::gauge_family;
+use crate::metrics::{counter_family, gauge_family};
 
 /// Largest response body a probe reads; a larger one fails the probe.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -104,6 +104,62 @@ pub fn discover(docker: &DockerSample) -> Vec<ServiceConfig> {
         .collect()
 }
 
+/// How long the last good answer of an optional endpoint stands in for failing ones.
+pub const EXTRAS_KEPT_FOR: Duration = Duration::from_secs(300);
+
+/// The request whose answer alone decides whether a service is up.
+fn health_path(kind: ServiceKind) -> &'static str {
+    match kind {
+        ServiceKind::Vllm | ServiceKind::Openwebui => "/health",
+        ServiceKind::Ollama => "/api/version",
+        ServiceKind::Localai => "/readyz",
+        ServiceKind::Http => "",
+    }
+}
+
+/// An optional endpoint: asked only once the health request said up, it adds detail and
+/// never turns the service down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Extra {
+    /// `GET /v1/models` (vLLM, LocalAI): the served models.
+    Models,
+    /// `GET /api/tags` (Ollama): models on disk, and cloud models.
+    OllamaTags,
+    /// `GET /api/ps` (Ollama): loaded models and their VRAM.
+    OllamaPs,
+}
+
+impl Extra {
+    /// Its path, the `endpoint` label.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Self::Models => "/v1/models",
+            Self::OllamaTags => "/api/tags",
+            Self::OllamaPs => "/api/ps",
+        }
+    }
+
+    /// The extras a kind of service has.
+    pub const fn of(kind: ServiceKind) -> &'static [Self] {
+        match kind {
+            ServiceKind::Vllm | ServiceKind::Localai => &[Self::Models],
+            ServiceKind::Ollama => &[Self::OllamaTags, Self::OllamaPs],
+            ServiceKind::Openwebui | ServiceKind::Http => &[],
+        }
+    }
+}
+
+/// What an optional endpoint told, merged so that every name appears once.
+#[derive(Debug, Clone, PartialEq)]
+enum Detail {
+    Models(BTreeSet<String>),
+    Tags {
+        local: BTreeMap<String, u64>,
+        remote: BTreeMap<String, String>,
+    },
+    Loaded(BTreeMap<String, u64>),
+}
+
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServiceStatus {
@@ -111,25 +167,31 @@ pub struct ServiceStatus {
     pub name: String,
     /// Its kind.
     pub kind: Option<ServiceKind>,
-    /// Whether it answered as it should.
+    /// Whether it answered its health request as it should.
     pub up: bool,
-    /// How long the probe took.
+    /// How long the health request took.
     pub duration: Duration,
     /// Why it is down, for the debug log.
     pub error: Option<String>,
-    /// Models it serves (vLLM, LocalAI).
-    pub models: Vec<String>,
-    /// Ollama: models on disk and their size in bytes.
+    /// Models it serves (vLLM, LocalAI), each once.
+    pub models: BTreeSet<String>,
+    /// Ollama: local models on disk and their size in bytes.
     pub model_sizes: BTreeMap<String, u64>,
-    /// Ollama: loaded models and the VRAM they hold.
+    /// Ollama: cloud models (`remote_host` set) and the host that runs them.
+    pub remote_models: BTreeMap<String, String>,
+    /// Ollama: loaded local models and the VRAM they hold.
     pub loaded_vram: BTreeMap<String, u64>,
+    /// Optional endpoints whose last answer failed, with why.
+    pub extra_errors: Vec<(Extra, String)>,
 }
 
 /// One `services` sample.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServicesSample {
-    /// Every service probed, configured and discovered.
+    /// Every service probed, configured and discovered, each name once.
     pub services: Vec<ServiceStatus>,
+    /// Failed requests since start, per service and endpoint path (health included).
+    pub probe_errors: BTreeMap<(String, &'static str), u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -151,12 +213,29 @@ struct ServedModelLabels {
     model: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RemoteModelLabels {
+    service: String,
+    model: String,
+    remote_host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    service: String,
+    endpoint: &'static str,
+}
+
 impl ServiceStatus {
     fn labels(&self) -> ServiceLabels {
         ServiceLabels {
             service: self.name.clone(),
-            kind: self.kind.map_or("http", ServiceKind::as_str),
+            kind: self.kind_label(),
         }
+    }
+
+    fn kind_label(&self) -> &'static str {
+        self.kind.map_or("http", ServiceKind::as_str)
     }
 }
 
@@ -166,7 +245,7 @@ impl EncodeSample for ServicesSample {
         gauge_family(
             encoder,
             "service_up",
-            "1 when the service answered its health probe as it should.",
+            "1 when the service answered its health request as it should.",
             None,
             services
                 .iter()
@@ -175,11 +254,24 @@ impl EncodeSample for ServicesSample {
         gauge_family(
             encoder,
             "service_probe_duration",
-            "How long the service's last probe took.",
+            "How long the service's last health request took.",
             Some("seconds"),
             services
                 .iter()
                 .map(|s| (s.labels(), s.duration.as_secs_f64())),
+        )?;
+        counter_family(
+            encoder,
+            "service_probe_errors",
+            "Requests to the service that failed, by endpoint (the health request's path, or an optional endpoint's that only adds detail).",
+            None,
+            self.probe_errors.iter().map(|((service, endpoint), n)| {
+                let labels = EndpointLabels {
+                    service: service.clone(),
+                    endpoint,
+                };
+                (labels, *n as f64)
+            }),
         )?;
         gauge_family(
             encoder,
@@ -190,7 +282,7 @@ impl EncodeSample for ServicesSample {
                 s.models.iter().map(move |m| {
                     let labels = ServedModelLabels {
                         service: s.name.clone(),
-                        kind: s.kind.map_or("http", ServiceKind::as_str),
+                        kind: s.kind_label(),
                         model: m.clone(),
                     };
                     (labels, 1.0)
@@ -214,14 +306,30 @@ impl EncodeSample for ServicesSample {
         gauge_family(
             encoder,
             "ollama_model_size",
-            "Size on disk of a model Ollama has (/api/tags).",
+            "Size on disk of a local model Ollama has (/api/tags); cloud models are apart.",
             Some("bytes"),
             per_model(|s| &s.model_sizes),
         )?;
         gauge_family(
             encoder,
+            "ollama_remote_model_info",
+            "A cloud model Ollama lists (/api/tags entries with remote_host): it runs elsewhere and takes no local disk or VRAM; always 1.",
+            None,
+            services.iter().flat_map(|s| {
+                s.remote_models.iter().map(move |(model, host)| {
+                    let labels = RemoteModelLabels {
+                        service: s.name.clone(),
+                        model: model.clone(),
+                        remote_host: host.clone(),
+                    };
+                    (labels, 1.0)
+                })
+            }),
+        )?;
+        gauge_family(
+            encoder,
             "ollama_model_loaded_vram",
-            "VRAM held by a model Ollama has loaded (/api/ps).",
+            "VRAM held by a local model Ollama has loaded (/api/ps).",
             Some("bytes"),
             per_model(|s| &s.loaded_vram),
         )
@@ -239,6 +347,8 @@ enum ProbeError {
     TooLarge,
     #[error("unexpected response: {0}")]
     Content(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
 }
 
 /// A reqwest error in words: what failed and why, without the URL (the log line has it).
@@ -267,35 +377,41 @@ fn describe(err: &reqwest::Error) -> String {
     }
 }
 
-/// GETs `url` and returns the body, at most [`MAX_BODY_BYTES`], for a 2xx answer.
-async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, ProbeError> {
-    let mut response = client.get(url).send().await?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(ProbeError::Status(status.as_u16()));
-    }
-    if response
-        .content_length()
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
-    {
-        return Err(ProbeError::TooLarge);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ProbeError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(
+/// GETs `url` within `timeout` and returns the body, at most [`MAX_BODY_BYTES`], for a 2xx
+/// answer.
+async fn get(
     client: &reqwest::Client,
     url: &str,
-) -> Result<T, ProbeError> {
-    let body = get(client, url).await?;
-    serde_json::from_slice(&body).map_err(|e| ProbeError::Content(e.to_string()))
+    timeout: Duration,
+) -> Result<Vec<u8>, ProbeError> {
+    let request = async {
+        let mut response = client.get(url).timeout(timeout).send().await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ProbeError::Status(status.as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+        {
+            return Err(ProbeError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(ProbeError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, request)
+        .await
+        .unwrap_or(Err(ProbeError::Timeout(timeout)))
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProbeError> {
+    serde_json::from_slice(body).map_err(|e| ProbeError::Content(e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -316,6 +432,15 @@ struct OllamaModel {
     size: u64,
     #[serde(default)]
     size_vram: u64,
+    /// Set on cloud models (Ollama 0.12+): the host that runs them.
+    #[serde(default)]
+    remote_host: Option<String>,
+}
+
+impl OllamaModel {
+    fn remote_host(&self) -> Option<&str> {
+        self.remote_host.as_deref().filter(|h| !h.is_empty())
+    }
 }
 
 #[derive(Deserialize)]
@@ -337,67 +462,123 @@ fn join(base: &str, path: &str) -> String {
     format!("{}{path}", base.trim_end_matches('/'))
 }
 
-/// Probes one service: the health check decides `up`; the extras (models) only add detail.
-async fn probe(
+/// The health request: its answer alone decides `up`.
+async fn check_health(
     client: &reqwest::Client,
     service: &ServiceConfig,
-) -> Result<ServiceStatus, ProbeError> {
-    let url = service.url.as_str();
-    let mut status = ServiceStatus::default();
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let url = join(service.base_url(), health_path(service.kind));
+    let body = get(client, &url, timeout).await?;
     match service.kind {
-        ServiceKind::Vllm => {
-            get(client, &join(url, "/health")).await?;
-            if let Ok(list) = get_json::<ModelList>(client, &join(url, "/v1/models")).await {
-                status.models = list.data.into_iter().map(|m| m.id).collect();
-            }
-        }
         ServiceKind::Ollama => {
-            let version: OllamaVersion = get_json(client, &join(url, "/api/version")).await?;
-            if version.version.is_empty() {
+            if json::<OllamaVersion>(&body)?.version.is_empty() {
                 return Err(ProbeError::Content("empty version".into()));
-            }
-            let (tags_url, ps_url) = (join(url, "/api/tags"), join(url, "/api/ps"));
-            let (tags, ps) = tokio::join!(
-                get_json::<OllamaModels>(client, &tags_url),
-                get_json::<OllamaModels>(client, &ps_url),
-            );
-            if let Ok(tags) = tags {
-                status.model_sizes = tags.models.into_iter().map(|m| (m.name, m.size)).collect();
-            }
-            if let Ok(ps) = ps {
-                status.loaded_vram = ps
-                    .models
-                    .into_iter()
-                    .map(|m| (m.name, m.size_vram))
-                    .collect();
             }
         }
         ServiceKind::Openwebui => {
-            let health: OpenWebUiHealth = get_json(client, &join(url, "/health")).await?;
-            if !health.status {
+            if !json::<OpenWebUiHealth>(&body)?.status {
                 return Err(ProbeError::Content("status false".into()));
             }
         }
-        ServiceKind::Localai => {
-            get(client, &join(url, "/readyz")).await?;
-            if let Ok(list) = get_json::<ModelList>(client, &join(url, "/v1/models")).await {
-                status.models = list.data.into_iter().map(|m| m.id).collect();
-            }
-        }
-        ServiceKind::Http => {
-            get(client, url).await?;
-        }
+        ServiceKind::Vllm | ServiceKind::Localai | ServiceKind::Http => {}
     }
-    status.up = true;
-    Ok(status)
+    Ok(())
 }
+
+/// One optional endpoint, read into what it adds (names merged, each once).
+async fn fetch_extra(
+    client: &reqwest::Client,
+    service: &ServiceConfig,
+    extra: Extra,
+    timeout: Duration,
+) -> Result<Detail, ProbeError> {
+    let body = get(client, &join(service.base_url(), extra.path()), timeout).await?;
+    Ok(match extra {
+        Extra::Models => Detail::Models(
+            json::<ModelList>(&body)?
+                .data
+                .into_iter()
+                .map(|m| m.id)
+                .collect(),
+        ),
+        Extra::OllamaTags => {
+            let (mut local, mut remote) = (BTreeMap::new(), BTreeMap::new());
+            for model in json::<OllamaModels>(&body)?.models {
+                match model.remote_host() {
+                    Some(host) => {
+                        remote.insert(model.name.clone(), host.to_owned());
+                    }
+                    None => {
+                        local.insert(model.name, model.size);
+                    }
+                }
+            }
+            Detail::Tags { local, remote }
+        }
+        Extra::OllamaPs => Detail::Loaded(
+            json::<OllamaModels>(&body)?
+                .models
+                .into_iter()
+                .filter(|m| m.remote_host().is_none())
+                .map(|m| (m.name, m.size_vram))
+                .collect(),
+        ),
+    })
+}
+
+/// What one round of requests to a service found, before it is merged into the collector's
+/// memory of last good answers.
+struct Probe {
+    health: Result<(), ProbeError>,
+    took: Duration,
+    extras: Vec<(Extra, Result<Detail, ProbeError>)>,
+}
+
+/// Probes one service: the health request under its timeout; once it says up, the optional
+/// endpoints concurrently, each under its own timeout, cut to what is left of `deadline`.
+async fn probe(
+    client: &reqwest::Client,
+    service: &ServiceConfig,
+    timeout: Duration,
+    deadline: Instant,
+) -> Probe {
+    let started = Instant::now();
+    let health = check_health(client, service, timeout).await;
+    let took = started.elapsed();
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .min(timeout);
+    let extras = if health.is_ok() && left >= MIN_EXTRA_TIME {
+        let asks = Extra::of(service.kind)
+            .iter()
+            .map(|&extra| async move { (extra, fetch_extra(client, service, extra, left).await) });
+        join_all(asks).await
+    } else {
+        Vec::new()
+    };
+    Probe {
+        health,
+        took,
+        extras,
+    }
+}
+
+/// Below this, an optional endpoint is not asked this round (its last answer stands).
+const MIN_EXTRA_TIME: Duration = Duration::from_millis(50);
 
 /// Probes the configured (and discovered) services.
 pub struct ServicesCollector {
     client: reqwest::Client,
     services: Vec<ServiceConfig>,
     probe_timeout: Duration,
+    /// How long a whole sample may take (the interval).
+    budget: Duration,
     discovered_from: Option<Latest<DockerSample>>,
+    /// The last good answer of each optional endpoint, and when it came.
+    last_good: HashMap<(String, Extra), (Instant, Detail)>,
+    /// Failed requests per service and endpoint since start.
+    errors: BTreeMap<(String, &'static str), u64>,
 }
 
 impl fmt::Debug for ServicesCollector {
@@ -411,24 +592,27 @@ impl fmt::Debug for ServicesCollector {
 }
 
 impl ServicesCollector {
-    /// Probes `services`, each within `probe_timeout`.
+    /// Probes `services`: each request within `probe_timeout`, a whole sample within `budget`.
     pub fn new(
         services: Vec<ServiceConfig>,
         probe_timeout: Duration,
+        budget: Duration,
     ) -> Result<Self, reqwest::Error> {
         aistack_common::install_tls_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("aistack-exporter/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::limited(3))
             .connect_timeout(probe_timeout)
-            .timeout(probe_timeout)
             .no_proxy()
             .build()?;
         Ok(Self {
             client,
             services,
             probe_timeout,
+            budget,
             discovered_from: None,
+            last_good: HashMap::new(),
+            errors: BTreeMap::new(),
         })
     }
 
@@ -450,51 +634,104 @@ impl ServicesCollector {
         for service in discovered {
             if !targets
                 .iter()
-                .any(|t| t.name == service.name || t.url == service.url)
+                .any(|t| t.name == service.name || t.base_url() == service.base_url())
             {
                 targets.push(service);
             }
         }
         targets
     }
+
+    /// Merges one service's round into the last good answers and the error counts.
+    fn status(&mut self, service: &ServiceConfig, probe: Probe, now: Instant) -> ServiceStatus {
+        let mut status = ServiceStatus {
+            name: service.name.clone(),
+            kind: Some(service.kind),
+            up: probe.health.is_ok(),
+            duration: probe.took,
+            ..ServiceStatus::default()
+        };
+        let mut count_error = |endpoint: &'static str| {
+            *self
+                .errors
+                .entry((service.name.clone(), endpoint))
+                .or_default() += 1;
+        };
+        if let Err(err) = &probe.health {
+            let endpoint = health_path(service.kind);
+            count_error(if endpoint.is_empty() { "/" } else { endpoint });
+            status.error = Some(err.to_string());
+            tracing::debug!(collector = "services", service = %service.name, url = %service.url, error = %err, "service down");
+            return status;
+        }
+        for (extra, answer) in probe.extras {
+            match answer {
+                Ok(detail) => {
+                    self.last_good
+                        .insert((service.name.clone(), extra), (now, detail));
+                }
+                Err(err) => {
+                    count_error(extra.path());
+                    tracing::debug!(collector = "services", service = %service.name, endpoint = extra.path(), error = %err, "optional endpoint failed");
+                    status.extra_errors.push((extra, err.to_string()));
+                }
+            }
+        }
+        for extra in Extra::of(service.kind) {
+            let Some((_, detail)) = self.last_good.get(&(service.name.clone(), *extra)) else {
+                continue;
+            };
+            match detail.clone() {
+                Detail::Models(models) => status.models = models,
+                Detail::Tags { local, remote } => {
+                    status.model_sizes = local;
+                    status.remote_models = remote;
+                }
+                Detail::Loaded(loaded) => status.loaded_vram = loaded,
+            }
+        }
+        status
+    }
 }
 
 impl Collector for ServicesCollector {
     type Sample = ServicesSample;
 
-    async fn sample(&mut self, _now: Instant) -> Result<ServicesSample, CollectorError> {
+    async fn sample(&mut self, now: Instant) -> Result<ServicesSample, CollectorError> {
         let targets = self.targets();
-        let (client, probe_timeout) = (&self.client, self.probe_timeout);
-        let probes = targets.iter().map(|service| async move {
-            let started = Instant::now();
-            let result = tokio::time::timeout(probe_timeout, probe(client, service)).await;
-            let mut status = match result {
-                Ok(Ok(status)) => status,
-                Ok(Err(err)) => ServiceStatus {
-                    error: Some(err.to_string()),
-                    ..ServiceStatus::default()
-                },
-                Err(_) => ServiceStatus {
-                    error: Some(format!("timed out after {probe_timeout:?}")),
-                    ..ServiceStatus::default()
-                },
-            };
-            status.name = service.name.clone();
-            status.kind = Some(service.kind);
-            status.duration = started.elapsed();
-            if let Some(error) = &status.error {
-                tracing::debug!(collector = "services", service = %service.name, url = %service.url, %error, "service down");
-            }
-            status
+        // Forget what is too old, and services no longer probed (discovery churns).
+        let names: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        self.last_good.retain(|(name, _), (at, _)| {
+            names.contains(name.as_str()) && now.saturating_duration_since(*at) <= EXTRAS_KEPT_FOR
         });
+        self.errors
+            .retain(|(name, _), _| names.contains(name.as_str()));
+        // Leave a tenth of the budget for merging, so a slow extra never costs the sample.
+        let deadline = Instant::now() + self.budget.mul_f64(0.9);
+        let (client, timeout) = (&self.client, self.probe_timeout);
+        let probes = join_all(
+            targets
+                .iter()
+                .map(|service| probe(client, service, timeout, deadline)),
+        )
+        .await;
+        let services = targets
+            .iter()
+            .zip(probes)
+            .map(|(service, probe)| self.status(service, probe, now))
+            .collect();
         Ok(ServicesSample {
-            services: join_all(probes).await,
+            services,
+            probe_errors: self.errors.clone(),
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
     use crate::collectors::docker::{ContainerState, Health};
 
@@ -675,7 +912,8 @@ mod tests {
             service("http://127.0.0.1:9", "refused", ServiceKind::Http, "/"),
         ];
         let timeout = Duration::from_millis(500);
-        let mut collector = ServicesCollector::new(services, timeout).unwrap();
+        let mut collector =
+            ServicesCollector::new(services, timeout, Duration::from_secs(5)).unwrap();
         let sample = collector.sample(Instant::now()).await.unwrap();
         let by_name = |name: &str| sample.services.iter().find(|s| s.name == name).unwrap();
 
@@ -784,6 +1022,187 @@ mod tests {
             text.contains("aistack_service_model_info{service=\"vllm\",kind=\"vllm\",model=\""),
             "{text}"
         );
+    }
+
+    /// A server answering real payloads after the given delays, whose optional endpoints take
+    /// 5 s more or fail (500) on demand.
+    struct Flaky {
+        base: String,
+        slow_extras: Arc<AtomicBool>,
+        failing_extras: Arc<AtomicBool>,
+    }
+
+    async fn flaky_server(health_delay: Duration, extra_delay: Duration) -> Flaky {
+        use axum::Router;
+        use axum::http::StatusCode;
+        use axum::routing::get;
+
+        let slow_extras = Arc::new(AtomicBool::new(false));
+        let failing_extras = Arc::new(AtomicBool::new(false));
+        let extra = |name: &'static str| {
+            let (slow, failing) = (slow_extras.clone(), failing_extras.clone());
+            move || async move {
+                tokio::time::sleep(extra_delay).await;
+                if slow.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                if failing.load(Ordering::SeqCst) {
+                    return Err(StatusCode::INTERNAL_SERVER_ERROR);
+                }
+                Ok(fixture(name))
+            }
+        };
+        let health = move |name: &'static str| {
+            move || async move {
+                tokio::time::sleep(health_delay).await;
+                fixture(name)
+            }
+        };
+        let app = Router::new()
+            .route("/api/version", get(health("ollama-version.json")))
+            .route("/api/tags", get(extra("ollama-tags.json")))
+            .route("/api/ps", get(extra("ollama-ps.json")))
+            .route("/health", get(health("vllm-health.txt")))
+            .route("/v1/models", get(extra("vllm-models.json")));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Flaky {
+            base: format!("http://{address}"),
+            slow_extras,
+            failing_extras,
+        }
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/services")
+            .join(name);
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn errors(sample: &ServicesSample, service: &str, endpoint: &str) -> u64 {
+        sample
+            .probe_errors
+            .get(&(service.to_owned(), endpoint))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// 0.1.0 let one 2 s timeout cover the health request and the extras together: a slow
+    /// `/api/ps` or `/v1/models` marked a healthy service down, and so did a 1.2 s version
+    /// plus a 1.2 s tags. Now the health request alone decides, under its own timeout.
+    #[tokio::test]
+    async fn slow_or_failing_extras_never_turn_a_service_down() {
+        let timeout = Duration::from_millis(400);
+        // Each request takes 70 % of the timeout: together they would exceed it.
+        let server = flaky_server(timeout.mul_f64(0.7), timeout.mul_f64(0.7)).await;
+        let services = vec![
+            service(&server.base, "ollama", ServiceKind::Ollama, ""),
+            service(&server.base, "vllm", ServiceKind::Vllm, ""),
+        ];
+        let mut collector =
+            ServicesCollector::new(services, timeout, Duration::from_secs(5)).unwrap();
+        let t0 = Instant::now();
+        let first = collector.sample(t0).await.unwrap();
+        let [ollama, vllm] = &first.services[..] else {
+            panic!("{first:#?}")
+        };
+        assert!(ollama.up && vllm.up, "{first:#?}");
+        assert_eq!(ollama.model_sizes.len(), 3, "{ollama:#?}");
+        assert_eq!(ollama.loaded_vram.len(), 1, "{ollama:#?}");
+        assert_eq!(vllm.models.len(), 1);
+        assert!(first.probe_errors.is_empty(), "{first:#?}");
+
+        // The extras now take 5 s (Ollama's /api/tags waits for its model cache at start-up):
+        // still up, the last good answers stand, the misses are counted per endpoint.
+        server.slow_extras.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let slow = collector.sample(t0 + Duration::from_secs(5)).await.unwrap();
+        assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+        let [ollama, vllm] = &slow.services[..] else {
+            panic!("{slow:#?}")
+        };
+        assert!(ollama.up && vllm.up, "{slow:#?}");
+        assert_eq!(ollama.model_sizes, first.services[0].model_sizes);
+        assert_eq!(ollama.loaded_vram, first.services[0].loaded_vram);
+        assert_eq!(vllm.models, first.services[1].models);
+        assert_eq!(errors(&slow, "ollama", "/api/tags"), 1);
+        assert_eq!(errors(&slow, "ollama", "/api/ps"), 1);
+        assert_eq!(errors(&slow, "vllm", "/v1/models"), 1);
+        assert_eq!(errors(&slow, "ollama", "/api/version"), 0);
+        assert_eq!(ollama.extra_errors.len(), 2);
+
+        // Failing (500) for longer than they are kept: the detail goes, the service stays up.
+        server.slow_extras.store(false, Ordering::SeqCst);
+        server.failing_extras.store(true, Ordering::SeqCst);
+        let kept = collector
+            .sample(t0 + Duration::from_secs(200))
+            .await
+            .unwrap();
+        assert!(kept.services.iter().all(|s| s.up));
+        assert_eq!(kept.services[0].model_sizes.len(), 3);
+        let gone = collector
+            .sample(t0 + EXTRAS_KEPT_FOR + Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(gone.services.iter().all(|s| s.up), "{gone:#?}");
+        assert!(gone.services[0].model_sizes.is_empty());
+        assert!(gone.services[1].models.is_empty());
+        assert_eq!(errors(&gone, "ollama", "/api/tags"), 3);
+        assert_eq!(
+            gone.services[0].extra_errors[0],
+            (Extra::OllamaTags, "HTTP 500".to_owned())
+        );
+
+        // Back: fresh detail at once.
+        server.failing_extras.store(false, Ordering::SeqCst);
+        let back = collector
+            .sample(t0 + EXTRAS_KEPT_FOR + Duration::from_secs(6))
+            .await
+            .unwrap();
+        assert_eq!(back.services[0].model_sizes.len(), 3);
+        assert_eq!(back.services[1].models.len(), 1);
+    }
+
+    /// A slow health request still turns the service down, and costs the sample no more than
+    /// its timeout; the extras of a down service are not asked.
+    #[tokio::test]
+    async fn the_health_request_alone_decides() {
+        let timeout = Duration::from_millis(300);
+        let server = flaky_server(Duration::from_secs(3), Duration::ZERO).await;
+        let services = vec![service(&server.base, "ollama", ServiceKind::Ollama, "")];
+        let mut collector =
+            ServicesCollector::new(services, timeout, Duration::from_secs(5)).unwrap();
+        let started = Instant::now();
+        let sample = collector.sample(Instant::now()).await.unwrap();
+        assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+        let ollama = &sample.services[0];
+        assert!(!ollama.up);
+        assert!(
+            ollama.error.as_deref().unwrap().contains("timed out"),
+            "{ollama:?}"
+        );
+        assert!(ollama.model_sizes.is_empty());
+        assert_eq!(errors(&sample, "ollama", "/api/version"), 1);
+        assert_eq!(errors(&sample, "ollama", "/api/tags"), 0);
+    }
+
+    /// Users copy the OpenAI base (`http://host:8000/v1`) into the config: the probes still
+    /// ask the server's root.
+    #[tokio::test]
+    async fn an_openai_style_v1_base_probes_the_root() {
+        let server = flaky_server(Duration::ZERO, Duration::ZERO).await;
+        let services = vec![
+            service(&server.base, "vllm", ServiceKind::Vllm, "/v1"),
+            service(&server.base, "ollama", ServiceKind::Ollama, "/v1/"),
+        ];
+        let mut collector =
+            ServicesCollector::new(services, Duration::from_secs(1), Duration::from_secs(5))
+                .unwrap();
+        let sample = collector.sample(Instant::now()).await.unwrap();
+        assert!(sample.services.iter().all(|s| s.up), "{sample:#?}");
+        assert_eq!(sample.services[0].models.len(), 1);
     }
 
     #[test]

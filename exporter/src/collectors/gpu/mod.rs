@@ -12,6 +12,7 @@
 pub mod attribution;
 pub mod nvml;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -290,13 +291,63 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
 struct ProcessLabels {
     pid: String,
     process: String,
     kind: &'static str,
     container: String,
     service: String,
+}
+
+/// How many processes of a GPU that belong to no inference service get a series of their own
+/// (the largest by memory); the rest are summed per kind into one `pid=""`,
+/// `process="other"` series, so pid churn (a game restarting, transcodes coming and going)
+/// cannot grow the series without bound. Processes of services always get their own.
+pub const OTHER_PROCESS_SERIES: usize = 8;
+
+/// The `gpu_process_memory_bytes` series of one GPU: one per pid and kind (NVML can list a
+/// process twice, once per context or MIG instance: summed), bounded as
+/// [`OTHER_PROCESS_SERIES`] says.
+fn process_series(processes: &[GpuProcess]) -> Vec<(ProcessLabels, f64)> {
+    let mut merged: BTreeMap<ProcessLabels, u64> = BTreeMap::new();
+    for p in processes {
+        let Some(bytes) = p.memory_bytes else {
+            continue;
+        };
+        let labels = ProcessLabels {
+            pid: p.pid.to_string(),
+            process: p.process.clone(),
+            kind: p.kind.as_str(),
+            container: p.container.clone(),
+            service: p.service.clone(),
+        };
+        *merged.entry(labels).or_default() += bytes;
+    }
+    let (mut series, mut others): (Vec<_>, Vec<_>) =
+        merged.into_iter().partition(|(l, _)| !l.service.is_empty());
+    // Largest first; equal sizes by labels, so the choice is stable between scrapes.
+    others.sort_by(|(a, x), (b, y)| y.cmp(x).then_with(|| a.cmp(b)));
+    let rest = others.split_off(others.len().min(OTHER_PROCESS_SERIES));
+    series.extend(others);
+    let mut summed: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (labels, bytes) in rest {
+        *summed.entry(labels.kind).or_default() += bytes;
+    }
+    series.extend(summed.into_iter().map(|(kind, bytes)| {
+        let labels = ProcessLabels {
+            pid: String::new(),
+            process: "other".into(),
+            kind,
+            container: String::new(),
+            service: String::new(),
+        };
+        (labels, bytes)
+    }));
+    series
+        .into_iter()
+        .map(|(labels, bytes)| (labels, bytes as f64))
+        .collect()
 }
 
 impl GpuDevice {
@@ -440,16 +491,9 @@ impl EncodeSample for GpuSample {
             "GPU memory held by a process, with its name, container and inference service.",
             Some("bytes"),
             devices.iter().flat_map(|d| {
-                d.processes.iter().filter_map(move |p| {
-                    let labels = ProcessLabels {
-                        pid: p.pid.to_string(),
-                        process: p.process.clone(),
-                        kind: p.kind.as_str(),
-                        container: p.container.clone(),
-                        service: p.service.clone(),
-                    };
-                    Some(((d.labels(), labels), p.memory_bytes? as f64))
-                })
+                process_series(&d.processes)
+                    .into_iter()
+                    .map(move |(labels, bytes)| ((d.labels(), labels), bytes))
             }),
         )?;
         gauge_family(

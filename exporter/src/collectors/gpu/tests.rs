@@ -357,3 +357,77 @@ fn known_inference_images_are_services_only_with_discovery() {
     assert_eq!(inference("zz", true), None);
     assert_eq!(container_ref(None, "a1", true), None);
 }
+
+fn proc(pid: u32, kind: ProcessKind, mib: u64, name: &str, service: &str) -> GpuProcess {
+    GpuProcess {
+        pid,
+        kind,
+        memory_bytes: Some(mib << 20),
+        process: name.into(),
+        container: String::new(),
+        service: service.into(),
+        host_workload: service.is_empty(),
+    }
+}
+
+/// 0.1.0 wrote one series per pid: transcodes and game restarts grew the family without
+/// bound, and a pid NVML listed twice (two contexts) made duplicate series.
+#[test]
+fn process_series_are_unique_and_bounded() {
+    use ProcessKind::{Compute, Graphics};
+    let mut processes = vec![
+        proc(900, Compute, 20_000, "vllm", "vllm"),
+        proc(901, Compute, 1, "ollama", "ollama"),
+        // Listed twice by NVML (two contexts): one series, the memory summed.
+        proc(4242, Graphics, 3000, "game.exe", ""),
+        proc(4242, Graphics, 1000, "game.exe", ""),
+    ];
+    // 40 short-lived transcodes, 10..49 MiB.
+    processes.extend((0..40).map(|i| proc(5000 + i, Compute, 10 + u64::from(i), "ffmpeg", "")));
+    processes.push(proc(7000, Graphics, 5, "kwin_wayland", ""));
+    let series = process_series(&processes);
+
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        series.iter().all(|(l, _)| seen.insert(l.clone())),
+        "{series:#?}"
+    );
+    let mib = |pid: &str| {
+        series
+            .iter()
+            .find(|(l, _)| l.pid == pid)
+            .map(|(_, bytes)| *bytes / f64::from(1 << 20))
+    };
+    // Every service keeps its series, however small.
+    assert_eq!(mib("900"), Some(20_000.0));
+    assert_eq!(mib("901"), Some(1.0));
+    assert_eq!(mib("4242"), Some(4000.0));
+    let own: Vec<&ProcessLabels> = series
+        .iter()
+        .map(|(l, _)| l)
+        .filter(|l| l.service.is_empty() && !l.pid.is_empty())
+        .collect();
+    assert_eq!(own.len(), OTHER_PROCESS_SERIES, "{series:#?}");
+    // The largest others: the game, then ffmpeg 49..43 MiB.
+    assert_eq!(mib("5039"), Some(49.0));
+    assert_eq!(mib("5033"), Some(43.0));
+    assert_eq!(mib("5032"), None);
+    // The rest summed per kind: 33 ffmpeg of 10..42 MiB, and kwin's 5 MiB.
+    let other = |kind: &str| {
+        series
+            .iter()
+            .find(|(l, _)| l.pid.is_empty() && l.kind == kind)
+            .map(|(l, bytes)| (l.process.as_str(), *bytes / f64::from(1 << 20)))
+    };
+    assert_eq!(
+        other("compute"),
+        Some(("other", (10..=42).sum::<u32>().into()))
+    );
+    assert_eq!(other("graphics"), Some(("other", 5.0)));
+    assert_eq!(series.len(), 2 + 1 + 7 + 2);
+
+    // Memory is conserved.
+    let total: f64 = series.iter().map(|(_, b)| b).sum();
+    let want: u64 = processes.iter().filter_map(|p| p.memory_bytes).sum();
+    assert_eq!(total, want as f64);
+}
