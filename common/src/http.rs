@@ -62,10 +62,11 @@ impl Format {
     }
 }
 
-/// Whether an `Accept-Encoding` header allows gzip (named with a q above 0).
+/// Whether an `Accept-Encoding` header allows gzip (named, or as `x-gzip`, with a q above 0).
 pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
-    media_ranges(accept_encoding.unwrap_or(""))
-        .any(|(coding, q)| q > 0.0 && coding.eq_ignore_ascii_case("gzip"))
+    media_ranges(accept_encoding.unwrap_or("")).any(|(coding, q)| {
+        q > 0.0 && (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
+    })
 }
 
 /// The items of a comma-separated header with their quality (1 when not given; 0 when
@@ -171,12 +172,16 @@ pub fn metrics_response(
     request: &HeaderMap,
     last_len: &AtomicUsize,
 ) -> Response {
+    // A header sent as several lines is one comma-separated list (RFC 9110, 5.3).
     let header = |name| {
-        request
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
+        let lines: Vec<&str> = request
+            .get_all(name)
+            .iter()
+            .filter_map(|v: &HeaderValue| v.to_str().ok())
+            .collect();
+        (!lines.is_empty()).then(|| lines.join(","))
     };
-    let format = Format::negotiate(header(header::ACCEPT));
+    let format = Format::negotiate(header(header::ACCEPT).as_deref());
     let capacity = last_len.load(Ordering::Relaxed) + 512;
     let mut openmetrics = String::with_capacity(capacity);
     if let Err(err) = prometheus_client::encoding::text::encode(&mut openmetrics, registry) {
@@ -198,7 +203,7 @@ pub fn metrics_response(
     };
     let vary = (header::VARY, "Accept, Accept-Encoding");
     let content_type = (header::CONTENT_TYPE, format.content_type());
-    if !accepts_gzip(header(header::ACCEPT_ENCODING)) {
+    if !accepts_gzip(header(header::ACCEPT_ENCODING).as_deref()) {
         return ([content_type, vary], body).into_response();
     }
     let mut gzip = flate2::write::GzEncoder::new(
@@ -265,6 +270,7 @@ mod tests {
     fn gzip_only_when_allowed() {
         assert!(accepts_gzip(Some("gzip")));
         assert!(accepts_gzip(Some("deflate, GZIP;q=0.5")));
+        assert!(accepts_gzip(Some("x-gzip")));
         assert!(!accepts_gzip(Some("gzip;q=0")));
         assert!(!accepts_gzip(Some("identity")));
         assert!(!accepts_gzip(Some("br, zstd")));

@@ -85,11 +85,16 @@ impl ServiceConfig {
     /// URL is the probe itself and is used as given.
     pub fn base_url(&self) -> &str {
         let url = self.url.trim_end_matches('/');
+        // Only a path's last segment: `http://v1` is a host named v1.
+        let path_is_v1 = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .is_some_and(|(_, path)| path == "v1" || path.ends_with("/v1"));
         match self.kind {
-            ServiceKind::Vllm | ServiceKind::Localai | ServiceKind::Ollama => {
+            ServiceKind::Vllm | ServiceKind::Localai | ServiceKind::Ollama if path_is_v1 => {
                 url.strip_suffix("/v1").unwrap_or(url)
             }
-            ServiceKind::Openwebui | ServiceKind::Http => &self.url,
+            _ => &self.url,
         }
     }
 }

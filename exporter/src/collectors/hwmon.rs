@@ -2,10 +2,13 @@
 //!
 //! `chip` is the chip's `name` (coretemp, k10temp, nvme, amdgpu, ...). When two chips share a
 //! name (two NVMe drives), each gets its device's name appended (`nvme_nvme0`), else its hwmon
-//! directory. `sensor` is `tempN_label` when the chip labels it uniquely, else `tempN`. A sensor
-//! that fails to read (ENODATA and EIO are common while a device sleeps) is left out.
+//! directory; chips that still share a label (one device registered twice) get their directory
+//! too. `sensor` is `tempN_label` when the chip labels it uniquely (and the label is no other
+//! sensor's `tempM`), else `tempN`. Names depend only on the files present, never on which
+//! sensors were readable, so a series keeps naming the same sensor from sample to sample. A
+//! sensor that fails to read (ENODATA and EIO are common while a device sleeps) is left out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +27,7 @@ pub struct ChipReading {
     pub name: Option<String>,
     /// Basename of the `device` link target (`0000:00:18.3`, `nvme0`), if present.
     pub device: Option<String>,
-    /// Readable temperature inputs, by their index N in `tempN_input`.
+    /// Temperature inputs, by their index N in `tempN_input`, readable or not.
     pub temps: BTreeMap<u32, TempReading>,
 }
 
@@ -33,8 +36,8 @@ pub struct ChipReading {
 pub struct TempReading {
     /// `tempN_label`, if present.
     pub label: Option<String>,
-    /// `tempN_input` in millidegrees Celsius.
-    pub millicelsius: i64,
+    /// `tempN_input` in millidegrees Celsius; `None` when it could not be read this time.
+    pub millicelsius: Option<i64>,
 }
 
 /// The index N of a `tempN_input` file name.
@@ -80,22 +83,19 @@ fn read_chip(dir: &Path, dir_name: String) -> ChipReading {
         let Some(index) = temp_input_index(&file.to_string_lossy()) else {
             continue;
         };
-        let input = read_trimmed(entry.path()).and_then(|v| v.parse::<i64>().ok());
-        match input {
-            Some(millicelsius) => {
-                let label = read_trimmed(dir.join(format!("temp{index}_label")));
-                temps.insert(
-                    index,
-                    TempReading {
-                        label,
-                        millicelsius,
-                    },
-                );
-            }
-            None => {
-                tracing::debug!(collector = "hwmon", path = %entry.path().display(), "unreadable sensor skipped");
-            }
+        let millicelsius = read_trimmed(entry.path()).and_then(|v| v.parse::<i64>().ok());
+        if millicelsius.is_none() {
+            tracing::debug!(collector = "hwmon", path = %entry.path().display(), "unreadable sensor skipped");
         }
+        // The label even when the input is unreadable: the names must not depend on it.
+        let label = read_trimmed(dir.join(format!("temp{index}_label")));
+        temps.insert(
+            index,
+            TempReading {
+                label,
+                millicelsius,
+            },
+        );
     }
     ChipReading {
         name: read_trimmed(dir.join("name")),
@@ -132,52 +132,68 @@ pub struct HwmonSample {
 }
 
 impl HwmonSample {
-    /// Labels the readings: unique chip names, unique sensor names within a chip.
+    /// Labels the readings: unique chip names, unique sensor names within a chip, from the
+    /// files present only (so stable while sensors come and go).
     pub fn from_chips(chips: &[ChipReading]) -> Self {
         let base = |c: &ChipReading| c.name.clone().unwrap_or_else(|| c.dir.clone());
         let mut name_count: HashMap<String, usize> = HashMap::new();
         for chip in chips {
             *name_count.entry(base(chip)).or_default() += 1;
         }
+        let first_labels: Vec<String> = chips
+            .iter()
+            .map(|chip| {
+                let name = base(chip);
+                if name_count[&name] > 1 {
+                    format!("{name}_{}", chip.device.as_deref().unwrap_or(&chip.dir))
+                } else {
+                    name
+                }
+            })
+            .collect();
+        let mut label_count: HashMap<&str, usize> = HashMap::new();
+        for label in &first_labels {
+            *label_count.entry(label).or_default() += 1;
+        }
         let mut temperatures = Vec::new();
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        for chip in chips {
-            let name = base(chip);
-            let chip_label = if name_count[&name] > 1 {
-                format!("{name}_{}", chip.device.as_deref().unwrap_or(&chip.dir))
+        for (chip, first) in chips.iter().zip(&first_labels) {
+            // One device that registered two chips: the directory tells them apart.
+            let chip_label = if label_count[first.as_str()] > 1 {
+                format!("{first}_{}", chip.dir)
             } else {
-                name
+                first.clone()
             };
-            let mut label_count: HashMap<&str, usize> = HashMap::new();
+            let mut sensor_count: HashMap<&str, usize> = HashMap::new();
             for t in chip.temps.values() {
                 if let Some(label) = &t.label {
-                    *label_count.entry(label).or_default() += 1;
+                    *sensor_count.entry(label).or_default() += 1;
                 }
             }
             for (index, t) in &chip.temps {
-                let by_index = format!("temp{index}");
-                let mut sensor = match &t.label {
-                    Some(label) if label_count[label.as_str()] == 1 => label.clone(),
-                    _ => by_index.clone(),
-                };
-                // Unique by construction: a label may repeat another sensor's index name
-                // (`temp1_label` = "temp2"), and one device may register two chips.
-                if seen.contains(&(chip_label.clone(), sensor.clone())) {
-                    sensor = by_index;
-                }
-                let chip_label = if seen.contains(&(chip_label.clone(), sensor.clone())) {
-                    format!("{chip_label}_{}", chip.dir)
-                } else {
-                    chip_label.clone()
-                };
-                if !seen.insert((chip_label.clone(), sensor.clone())) {
-                    tracing::debug!(collector = "hwmon", chip = %chip_label, %sensor, "duplicate sensor skipped");
+                let Some(millicelsius) = t.millicelsius else {
                     continue;
-                }
+                };
+                let by_index = format!("temp{index}");
+                // A label naming another sensor's index (`temp1_label` = "temp2") would take
+                // that sensor's fallback name.
+                let looks_like_an_index = |label: &str| {
+                    label
+                        .strip_prefix("temp")
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                };
+                let sensor = match &t.label {
+                    Some(label)
+                        if sensor_count[label.as_str()] == 1
+                            && (!looks_like_an_index(label) || *label == by_index) =>
+                    {
+                        label.clone()
+                    }
+                    _ => by_index,
+                };
                 temperatures.push(Temperature {
-                    chip: chip_label,
+                    chip: chip_label.clone(),
                     sensor,
-                    celsius: t.millicelsius as f64 / 1000.0,
+                    celsius: millicelsius as f64 / 1000.0,
                 });
             }
         }
@@ -256,7 +272,7 @@ mod tests {
                         *i,
                         TempReading {
                             label: l.map(Into::into),
-                            millicelsius: *v,
+                            millicelsius: Some(*v),
                         },
                     )
                 })
@@ -365,14 +381,59 @@ mod tests {
             .into_iter()
             .map(|t| (t.chip, t.sensor, t.celsius))
             .collect();
-        let unique: HashSet<(&str, &str)> = series
+        let unique: std::collections::HashSet<(&str, &str)> = series
             .iter()
             .map(|(c, s, _)| (c.as_str(), s.as_str()))
             .collect();
         assert_eq!(unique.len(), series.len(), "{series:?}");
         assert_eq!(series.len(), 4, "nothing lost: {series:?}");
-        assert_eq!(series[0], ("nvme_nvme0".into(), "temp2".into(), 1.0));
-        assert_eq!(series[1], ("nvme_nvme0_hwmon0".into(), "temp2".into(), 2.0));
-        assert_eq!(series[3], ("nvme_nvme0".into(), "temp1".into(), 4.0));
+        assert_eq!(
+            series,
+            [
+                ("nvme_nvme0_hwmon0".into(), "temp1".into(), 1.0),
+                ("nvme_nvme0_hwmon0".into(), "temp2".into(), 2.0),
+                ("nvme_nvme0_hwmon1".into(), "Composite".into(), 3.0),
+                ("nvme_nvme0_hwmon2".into(), "Composite".into(), 4.0),
+            ]
+        );
+    }
+
+    /// A series names the same sensor whichever sensors could be read: the names come from the
+    /// files present, not from the readings (found by attack: a sleeping drive's unreadable
+    /// sensor moved its twin's reading to another series).
+    #[test]
+    fn names_do_not_depend_on_which_sensors_were_readable() {
+        let twins = |first: Option<i64>| {
+            let mut chips = vec![
+                chip(
+                    "hwmon0",
+                    Some("nvme"),
+                    Some("nvme0"),
+                    &[(1, Some("Composite"), 0)],
+                ),
+                chip(
+                    "hwmon1",
+                    Some("nvme"),
+                    Some("nvme0"),
+                    &[
+                        (1, Some("Composite"), 42_000),
+                        (2, Some("Composite"), 43_000),
+                    ],
+                ),
+            ];
+            chips[0].temps.get_mut(&1).unwrap().millicelsius = first;
+            labels(&HwmonSample::from_chips(&chips))
+                .into_iter()
+                .filter(|(_, _, c)| *c > 40.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(twins(Some(30_000)), twins(None));
+        assert_eq!(
+            twins(None),
+            [
+                ("nvme_nvme0_hwmon1".into(), "temp1".into(), 42.0),
+                ("nvme_nvme0_hwmon1".into(), "temp2".into(), 43.0),
+            ]
+        );
     }
 }

@@ -107,15 +107,28 @@ pub fn discover(docker: &DockerSample) -> Vec<ServiceConfig> {
 /// How long the last good answer of an optional endpoint stands in for failing ones.
 pub const EXTRAS_KEPT_FOR: Duration = Duration::from_secs(300);
 
-/// The request whose answer alone decides whether a service is up.
-fn health_path(kind: ServiceKind) -> &'static str {
-    match kind {
+/// The request whose answer alone decides whether a service is up: a path under the server's
+/// root, or for `http` the URL exactly as configured.
+fn health_url(service: &ServiceConfig) -> String {
+    let path = match service.kind {
         ServiceKind::Vllm | ServiceKind::Openwebui => "/health",
         ServiceKind::Ollama => "/api/version",
         ServiceKind::Localai => "/readyz",
-        ServiceKind::Http => "",
-    }
+        ServiceKind::Http => return service.url.clone(),
+    };
+    join(service.base_url(), path)
 }
+
+/// The `endpoint` label of the health request: its path (for `http`, the configured URL's).
+fn health_endpoint(service: &ServiceConfig) -> String {
+    reqwest::Url::parse(&health_url(service))
+        .map(|url| url.path().to_owned())
+        .unwrap_or_else(|_| "/".to_owned())
+}
+
+/// Most models a service's series name, per list; more (a listing of 200 000 models) are cut,
+/// in name order, so one server cannot flood the exposition.
+pub const MAX_MODELS: usize = 1000;
 
 /// An optional endpoint: asked only once the health request said up, it adds detail and
 /// never turns the service down.
@@ -190,8 +203,9 @@ pub struct ServiceStatus {
 pub struct ServicesSample {
     /// Every service probed, configured and discovered, each name once.
     pub services: Vec<ServiceStatus>,
-    /// Failed requests since start, per service and endpoint path (health included).
-    pub probe_errors: BTreeMap<(String, &'static str), u64>,
+    /// Failed (or, for lack of time, unasked) requests since start, per service and endpoint
+    /// path (health included).
+    pub probe_errors: BTreeMap<(String, String), u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -223,7 +237,7 @@ struct RemoteModelLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndpointLabels {
     service: String,
-    endpoint: &'static str,
+    endpoint: String,
 }
 
 impl ServiceStatus {
@@ -263,12 +277,12 @@ impl EncodeSample for ServicesSample {
         counter_family(
             encoder,
             "service_probe_errors",
-            "Requests to the service that failed, by endpoint (the health request's path, or an optional endpoint's that only adds detail).",
+            "Requests to the service that failed, or that the interval left no time for, by endpoint (the health request's path, or an optional endpoint's that only adds detail).",
             None,
             self.probe_errors.iter().map(|((service, endpoint), n)| {
                 let labels = EndpointLabels {
                     service: service.clone(),
-                    endpoint,
+                    endpoint: endpoint.clone(),
                 };
                 (labels, *n as f64)
             }),
@@ -349,6 +363,8 @@ enum ProbeError {
     Content(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("not asked: the health request left no time in the interval")]
+    NoTime,
 }
 
 /// A reqwest error in words: what failed and why, without the URL (the log line has it).
@@ -468,8 +484,7 @@ async fn check_health(
     service: &ServiceConfig,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
-    let url = join(service.base_url(), health_path(service.kind));
-    let body = get(client, &url, timeout).await?;
+    let body = get(client, &health_url(service), timeout).await?;
     match service.kind {
         ServiceKind::Ollama => {
             if json::<OllamaVersion>(&body)?.version.is_empty() {
@@ -494,7 +509,7 @@ async fn fetch_extra(
     timeout: Duration,
 ) -> Result<Detail, ProbeError> {
     let body = get(client, &join(service.base_url(), extra.path()), timeout).await?;
-    Ok(match extra {
+    let detail = match extra {
         Extra::Models => Detail::Models(
             json::<ModelList>(&body)?
                 .data
@@ -524,7 +539,47 @@ async fn fetch_extra(
                 .map(|m| (m.name, m.size_vram))
                 .collect(),
         ),
-    })
+    };
+    Ok(detail.capped(&service.name, extra))
+}
+
+impl Detail {
+    /// At most [`MAX_MODELS`] names per list, the first in name order.
+    fn capped(self, service: &str, extra: Extra) -> Self {
+        fn cut<K: Ord + Clone, V>(mut map: BTreeMap<K, V>) -> (BTreeMap<K, V>, usize) {
+            let Some(first_cut) = map.keys().nth(MAX_MODELS).cloned() else {
+                return (map, 0);
+            };
+            let dropped = map.split_off(&first_cut).len();
+            (map, dropped)
+        }
+        let as_map = |set: BTreeSet<String>| set.into_iter().map(|m| (m, ())).collect();
+        let (capped, dropped) = match self {
+            Self::Models(models) => {
+                let (models, dropped) = cut::<String, ()>(as_map(models));
+                (Self::Models(models.into_keys().collect()), dropped)
+            }
+            Self::Tags { local, remote } => {
+                let (local, a) = cut(local);
+                let (remote, b) = cut(remote);
+                (Self::Tags { local, remote }, a + b)
+            }
+            Self::Loaded(loaded) => {
+                let (loaded, dropped) = cut(loaded);
+                (Self::Loaded(loaded), dropped)
+            }
+        };
+        if dropped > 0 {
+            tracing::debug!(
+                collector = "services",
+                service,
+                endpoint = extra.path(),
+                dropped,
+                "more models than series allowed; the rest left out"
+            );
+        }
+        capped
+    }
 }
 
 /// What one round of requests to a service found, before it is merged into the collector's
@@ -544,18 +599,26 @@ async fn probe(
     deadline: Instant,
 ) -> Probe {
     let started = Instant::now();
-    let health = check_health(client, service, timeout).await;
+    // Never past the deadline, even when the timeout is the whole interval: a hung service
+    // must not cost the sample, and with it every other service's series.
+    let health_timeout = deadline.saturating_duration_since(started).min(timeout);
+    let health = check_health(client, service, health_timeout).await;
     let took = started.elapsed();
     let left = deadline
         .saturating_duration_since(Instant::now())
         .min(timeout);
-    let extras = if health.is_ok() && left >= MIN_EXTRA_TIME {
-        let asks = Extra::of(service.kind)
+    let extras = match &health {
+        Err(_) => Vec::new(),
+        Ok(()) if left < MIN_EXTRA_TIME => Extra::of(service.kind)
             .iter()
-            .map(|&extra| async move { (extra, fetch_extra(client, service, extra, left).await) });
-        join_all(asks).await
-    } else {
-        Vec::new()
+            .map(|&extra| (extra, Err(ProbeError::NoTime)))
+            .collect(),
+        Ok(()) => {
+            let asks = Extra::of(service.kind).iter().map(|&extra| async move {
+                (extra, fetch_extra(client, service, extra, left).await)
+            });
+            join_all(asks).await
+        }
     };
     Probe {
         health,
@@ -578,7 +641,7 @@ pub struct ServicesCollector {
     /// The last good answer of each optional endpoint, and when it came.
     last_good: HashMap<(String, Extra), (Instant, Detail)>,
     /// Failed requests per service and endpoint since start.
-    errors: BTreeMap<(String, &'static str), u64>,
+    errors: BTreeMap<(String, String), u64>,
 }
 
 impl fmt::Debug for ServicesCollector {
@@ -598,13 +661,13 @@ impl ServicesCollector {
         probe_timeout: Duration,
         budget: Duration,
     ) -> Result<Self, reqwest::Error> {
-        aistack_common::install_tls_provider();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("aistack-exporter/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .connect_timeout(probe_timeout)
-            .no_proxy()
-            .build()?;
+        let client = aistack_common::http_client(|builder| {
+            builder
+                .user_agent(concat!("aistack-exporter/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .connect_timeout(probe_timeout)
+                .no_proxy()
+        })?;
         Ok(Self {
             client,
             services,
@@ -651,15 +714,14 @@ impl ServicesCollector {
             duration: probe.took,
             ..ServiceStatus::default()
         };
-        let mut count_error = |endpoint: &'static str| {
+        let mut count_error = |endpoint: String| {
             *self
                 .errors
                 .entry((service.name.clone(), endpoint))
                 .or_default() += 1;
         };
         if let Err(err) = &probe.health {
-            let endpoint = health_path(service.kind);
-            count_error(if endpoint.is_empty() { "/" } else { endpoint });
+            count_error(health_endpoint(service));
             status.error = Some(err.to_string());
             tracing::debug!(collector = "services", service = %service.name, url = %service.url, error = %err, "service down");
             return status;
@@ -671,7 +733,7 @@ impl ServicesCollector {
                         .insert((service.name.clone(), extra), (now, detail));
                 }
                 Err(err) => {
-                    count_error(extra.path());
+                    count_error(extra.path().to_owned());
                     tracing::debug!(collector = "services", service = %service.name, endpoint = extra.path(), error = %err, "optional endpoint failed");
                     status.extra_errors.push((extra, err.to_string()));
                 }
@@ -1084,7 +1146,7 @@ mod tests {
     fn errors(sample: &ServicesSample, service: &str, endpoint: &str) -> u64 {
         sample
             .probe_errors
-            .get(&(service.to_owned(), endpoint))
+            .get(&(service.to_owned(), endpoint.to_owned()))
             .copied()
             .unwrap_or(0)
     }
