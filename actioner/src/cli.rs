@@ -15,7 +15,8 @@ pub struct Cli {
     #[arg(
         long = "web.listen-address",
         value_name = "ADDRESS",
-        default_value = ":9471"
+        default_value = ":9471",
+        global = true
     )]
     pub listen_address: ListenAddress,
 
@@ -30,4 +31,8 @@ pub enum Command {
     /// Validate the config file (and the secret files it names) and exit: 0 when valid, 1 with
     /// one line per problem.
     CheckConfig,
+    /// Ask the running instance at --web.listen-address (every interface: loopback) for
+    /// /healthz and exit: 0 when it answers 200 within 2 s, 1 with one line saying why. For
+    /// container health checks.
+    Healthcheck,
 }

@@ -21,6 +21,9 @@ fn main() -> ExitCode {
     );
     match cli.command {
         Some(Command::CheckConfig) => check_config(config_path.as_deref()),
+        Some(Command::Healthcheck) => {
+            aistack_common::healthcheck::run("aistack-actioner", &cli.listen_address)
+        }
         None => match run(&cli, config_path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

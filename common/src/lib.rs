@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod docker;
+pub mod healthcheck;
 pub mod http;
 pub mod logging;
 pub mod login1;
@@ -20,6 +21,28 @@ pub mod server;
 pub fn install_tls_provider() {
     // Err means a provider is installed already: fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds an HTTP client with `configure`, trusting the system's CA certificates. Where there
+/// are none (an image without ca-certificates, `SSL_CERT_FILE` pointing nowhere), rustls'
+/// platform verifier refuses to build at all; then the client is built trusting no
+/// certificate: plain `http://` works, `https://` fails each request with a certificate error,
+/// and one warning says why. A binary never stops over a missing CA store.
+pub fn http_client(
+    configure: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, reqwest::Error> {
+    install_tls_provider();
+    match configure(reqwest::Client::builder()).build() {
+        Ok(client) => Ok(client),
+        Err(err) => {
+            let why = std::error::Error::source(&err)
+                .map_or_else(|| err.to_string(), ToString::to_string);
+            tracing::warn!(reason = %why, "no usable CA certificates on this system (install ca-certificates): https:// requests will fail, http:// works");
+            configure(reqwest::Client::builder())
+                .tls_certs_only(Vec::new())
+                .build()
+        }
+    }
 }
 
 /// The crate version the binaries were built from.

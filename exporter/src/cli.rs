@@ -23,7 +23,8 @@ pub struct Cli {
     #[arg(
         long = "web.listen-address",
         value_name = "ADDRESS",
-        default_value = ":9470"
+        default_value = ":9470",
+        global = true
     )]
     pub listen_address: ListenAddress,
 
@@ -53,6 +54,10 @@ pub struct Cli {
 pub enum Command {
     /// Validate the config file and exit: 0 when valid, 1 with one line per problem.
     CheckConfig,
+    /// Ask the running instance at --web.listen-address (every interface: loopback) for
+    /// /healthz and exit: 0 when it answers 200 within 2 s, 1 with one line saying why. For
+    /// container health checks.
+    Healthcheck,
 }
 
 fn parse_telemetry_path(path: &str) -> Result<String, String> {

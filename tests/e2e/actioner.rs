@@ -71,7 +71,17 @@ fn serves_healthz_and_metrics_with_a_valid_config() {
         "{:#?}",
         actioner.log()
     );
+    // The container health check: 0 while it answers, 1 with one line once it is gone.
+    let address = actioner.address.clone();
+    let (code, _, stderr) = run(ACTIONER, &["healthcheck", "--web.listen-address", &address]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
     assert!(actioner.terminate().success());
+    let (code, _, stderr) = run(ACTIONER, &["healthcheck", "--web.listen-address", &address]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("aistack-actioner healthcheck: http://") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 #[test]

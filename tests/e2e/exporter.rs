@@ -853,3 +853,61 @@ fn a_sensor_read_that_never_returns_does_not_hold_up_scrapes_or_other_collectors
         .count();
     assert_eq!(timeouts, 1, "{:#?}", exporter.log());
 }
+
+/// `aistack-exporter healthcheck`, as container health checks run it: 0 while the exporter
+/// answers, 1 with one line once it is gone.
+#[test]
+fn healthcheck_says_whether_the_exporter_answers() {
+    let exporter = Daemon::start(EXPORTER, &[]);
+    let address = exporter.address.clone();
+    let (code, stdout, stderr) = run(EXPORTER, &["healthcheck", "--web.listen-address", &address]);
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "", ""));
+    assert!(exporter.terminate().success());
+    let (code, _, stderr) = run(EXPORTER, &["healthcheck", "--web.listen-address", &address]);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "aistack-exporter healthcheck: http://{address}/healthz: connect:"
+        )),
+        "{stderr}"
+    );
+    // Another program on the port (an HTTP server answering 404 at /healthz) is no exporter.
+    let other = aistack_tests::serve(axum::Router::new());
+    let address = other.trim_start_matches("http://");
+    let (code, _, stderr) = run(EXPORTER, &["healthcheck", "--web.listen-address", address]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.trim_end().ends_with("/healthz: HTTP 404"),
+        "{stderr}"
+    );
+}
+
+/// An image or host without CA certificates (0.1.0 exited: "building the HTTP client: builder
+/// error"): the exporter starts, warns once, and probes http:// services; https:// ones fail.
+#[test]
+fn without_ca_certificates_the_exporter_starts_and_says_why_https_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("exporter.yaml");
+    std::fs::write(
+        &config,
+        "collectors: {docker: {enabled: false}}\nservices:\n  - {name: web, kind: http, url: 'https://127.0.0.1:9/'}\n",
+    )
+    .unwrap();
+    let mut command = Command::new(aistack_tests::binary(EXPORTER));
+    command
+        .env("SSL_CERT_FILE", dir.path().join("no-such-bundle.pem"))
+        .env("SSL_CERT_DIR", dir.path().join("no-such-dir"));
+    let exporter = Daemon::start_with(command, &["--config.file", config.to_str().unwrap()]);
+    let (up, _) = wait_for_series(
+        &exporter,
+        r#"aistack_service_up{service="web",kind="http"}"#,
+    );
+    assert_eq!(up, 0.0);
+    let warned = exporter
+        .log()
+        .iter()
+        .filter(|l| l.contains("no usable CA certificates"))
+        .count();
+    assert_eq!(warned, 1, "{:#?}", exporter.log());
+}

@@ -129,9 +129,7 @@ pub enum SetupError {
 
 /// An HTTP client for re-checks and notifications, with connect and whole-request timeouts.
 pub fn http_client(connect: Duration, total: Duration) -> Result<reqwest::Client, SetupError> {
-    aistack_common::install_tls_provider();
-    Ok(reqwest::Client::builder()
-        .connect_timeout(connect)
-        .timeout(total)
-        .build()?)
+    Ok(aistack_common::http_client(|builder| {
+        builder.connect_timeout(connect).timeout(total)
+    })?)
 }

@@ -306,12 +306,12 @@ impl Notify {
                     })
             })
             .transpose()?;
-        aistack_common::install_tls_provider();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("aistack-actioner/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .build()?;
+        let client = aistack_common::http_client(|builder| {
+            builder
+                .user_agent(concat!("aistack-actioner/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
+        })?;
         Ok(Self {
             client,
             url: config.url.trim_end_matches('/').to_owned(),
