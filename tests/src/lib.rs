@@ -565,6 +565,16 @@ pub fn shipped_alertmanager_config(actioner: &str, token_file: &str) -> String {
             "group_interval: 1m".to_owned(),
             "group_interval: 2s".to_owned(),
         ),
+        // Offline: the dead man's switch and the direct ntfy route post to loopback's discard
+        // port, never to the internet.
+        (
+            "https://heartbeat.invalid/replace-with-your-ping-url".to_owned(),
+            "http://127.0.0.1:9/heartbeat".to_owned(),
+        ),
+        (
+            "https://ntfy.sh/aistack-change-me?".to_owned(),
+            "http://127.0.0.1:9/aistack-change-me?".to_owned(),
+        ),
     ] {
         assert!(
             config.contains(&from),
@@ -575,18 +585,22 @@ pub fn shipped_alertmanager_config(actioner: &str, token_file: &str) -> String {
     config
 }
 
-/// alerts/aistack.rules.yml with every `for:` shortened to one second, written into `dir`:
-/// the shipped expressions, labels and annotations at test speed.
+/// alerts/aistack.rules.yml with every `for:` and `keep_firing_for:` shortened to one second,
+/// written into `dir`: the shipped expressions, labels and annotations at test speed.
 pub fn shipped_rules(dir: &Path) -> PathBuf {
     let rules = std::fs::read_to_string(workspace_root().join("alerts/aistack.rules.yml")).unwrap();
     let mut out = String::new();
     let mut shortened = 0;
     for line in rules.lines() {
-        if line.trim_start().starts_with("for: ") {
-            let indent = &line[..line.len() - line.trim_start().len()];
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        if trimmed.starts_with("for: ") {
             out.push_str(indent);
             out.push_str("for: 1s\n");
             shortened += 1;
+        } else if trimmed.starts_with("keep_firing_for: ") {
+            out.push_str(indent);
+            out.push_str("keep_firing_for: 1s\n");
         } else {
             out.push_str(line);
             out.push('\n');
