@@ -63,7 +63,8 @@ fn panels() -> Vec<Panel> {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         for panel in dashboard["panels"].as_array().unwrap() {
             let title = panel["title"].as_str().unwrap_or_default().to_owned();
-            if panel["type"] == "text" {
+            // Text and alert-list panels run no query of their own.
+            if panel["type"] == "text" || panel["type"] == "alertlist" {
                 continue;
             }
             let targets = panel["targets"]
@@ -123,17 +124,22 @@ fn every_dashboard_query_runs_and_returns_data_where_the_data_exists() {
     vllm.set("/health", 200, &service_fixture("vllm-health.txt"));
     vllm.set("/v1/models", 200, &service_fixture("vllm-models.json"));
     let ollama = StubServer::start();
-    ollama.set("/api/tags", 200, &service_fixture("ollama-tags.json"));
+    // Local and cloud models (the cloud-models table).
+    ollama.set("/api/tags", 200, &service_fixture("ollama-tags-cloud.json"));
     ollama.set("/api/ps", 200, &service_fixture("ollama-ps.json"));
     ollama.set("/api/version", 200, &service_fixture("ollama-version.json"));
+    // Up, with a models endpoint that answers 404 (the probe-errors panel).
+    let localai = StubServer::start();
+    localai.set("/readyz", 200, "");
     let exporter_config = dir.path().join("exporter.yaml");
     std::fs::write(
         &exporter_config,
         format!(
-            "gpu: {{nvml_library: {}}}\nservices:\n  - {{name: vllm, kind: vllm, url: '{}'}}\n  - {{name: ollama, kind: ollama, url: '{}'}}\n",
+            "gpu: {{nvml_library: {}}}\nservices:\n  - {{name: vllm, kind: vllm, url: '{}'}}\n  - {{name: ollama, kind: ollama, url: '{}'}}\n  - {{name: localai, kind: localai, url: '{}'}}\n",
             fake_nvml_library().display(),
             vllm.url,
             ollama.url,
+            localai.url,
         ),
     )
     .unwrap();
