@@ -347,20 +347,35 @@ fn volumes(service: &serde_yaml::Value) -> Vec<(String, String, bool)> {
 
 #[test]
 fn the_compose_bundle_validates_with_pinned_images_and_files_that_exist() {
-    let compose = || -> serde_yaml::Value {
+    // What README.md's "First run" writes into .env.
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join(".env");
+    std::fs::write(
+        &env,
+        "COMPOSE_PROJECT_NAME=aistack\nAISTACK_UID=998\nAISTACK_GID=998\nDOCKER_GID=999\n",
+    )
+    .unwrap();
+    let config_with = |env: &str| {
         let args = [
             "--project-directory",
             "compose",
             "--env-file",
-            "compose/.env.example",
+            env,
             "-f",
             "compose/docker-compose.yml",
             "config",
         ];
-        let (code, stdout, stderr) = run_in_root("docker-compose", &args);
+        run_in_root("docker-compose", &args)
+    };
+    let compose = || -> serde_yaml::Value {
+        let (code, stdout, stderr) = config_with(env.to_str().unwrap());
         assert_eq!(code, 0, "docker-compose config: {stderr}");
         serde_yaml::from_str(&stdout).unwrap()
     };
+    // .env.example as it is: no made-up ids, compose says what to set.
+    let (code, _, stderr) = config_with("compose/.env.example");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("set AISTACK_UID in .env"), "{stderr}");
     let services = |config: &serde_yaml::Value| -> BTreeSet<String> {
         config["services"]
             .as_mapping()
@@ -415,6 +430,39 @@ fn the_compose_bundle_validates_with_pinned_images_and_files_that_exist() {
             }
         }
     }
+    // Health checks by the binaries themselves (no shell in the images), and an actioner that
+    // starts once the exporter answers.
+    for (name, binary, port) in [
+        ("exporter", "aistack-exporter", 9470),
+        ("actioner", "aistack-actioner", 9471),
+    ] {
+        let test: Vec<&str> = config["services"][name]["healthcheck"]["test"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name} has no healthcheck"))
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            test,
+            [
+                "CMD",
+                &format!("/usr/local/bin/{binary}"),
+                "healthcheck",
+                &format!("--web.listen-address=127.0.0.1:{port}"),
+            ]
+        );
+    }
+    assert_eq!(
+        config["services"]["actioner"]["depends_on"]["exporter"]["condition"],
+        "service_healthy"
+    );
+    // The image's state directory belongs to the user the actioner runs as.
+    assert_eq!(
+        config["services"]["actioner"]["build"]["args"]["AISTACK_UID"],
+        "998"
+    );
+    assert_eq!(config["services"]["actioner"]["user"], "998:998");
+
     let exporter = &config["services"]["exporter"];
     assert_eq!(exporter["runtime"], "nvidia");
     assert_eq!(exporter["pid"], "host");
@@ -593,4 +641,307 @@ fn the_systemd_units_verify() {
     let (code, stdout, stderr) = run_in_root("systemd-analyze", &args);
     // It warns about unknown keys and bad values on stderr but exits 0: both must be clean.
     assert_eq!((code, stderr.as_str()), (0, ""), "{stdout}");
+}
+
+/// The two Dockerfiles build the same runtime image; only where the binaries come from differs.
+#[test]
+fn both_dockerfiles_share_one_runtime_layout() {
+    let layout = |path: &str| -> String {
+        let text = read(path);
+        let begin = text
+            .find("# --- runtime layout")
+            .unwrap_or_else(|| panic!("{path}: no runtime layout"));
+        let end = text[begin..]
+            .find("# --- end of runtime layout ---")
+            .unwrap()
+            + begin;
+        text[begin..end].to_owned()
+    };
+    let from_source = layout("compose/Dockerfile");
+    assert_eq!(from_source, layout("compose/Dockerfile.prebuilt"));
+    assert!(from_source.contains("/var/lib/aistack/actioner"));
+    let tails = |path: &str| -> Vec<String> {
+        read(path)
+            .lines()
+            .skip_while(|l| !l.starts_with("FROM runtime AS exporter"))
+            .filter(|l| !l.starts_with("COPY"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        tails("compose/Dockerfile"),
+        tails("compose/Dockerfile.prebuilt")
+    );
+}
+
+/// kube-prometheus-stack selects what it scrapes, evaluates and routes by labels: every
+/// kustomization in k8s/ renders, the namespace admits the exporter, either GPU label places
+/// the pods, and where the kube-prometheus-stack component is used, the ServiceMonitors, the
+/// PrometheusRule and the AlertmanagerConfig carry `release` and the routes hold together.
+#[test]
+fn the_kubernetes_overlays_render_what_kube_prometheus_stack_selects() {
+    // Without kubectl, tests/run says this part was left out (as for the base).
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    let render = |dir: &str| -> Vec<serde_yaml::Value> {
+        let (code, stdout, stderr) = run_in_root("kubectl", &["kustomize", dir]);
+        assert_eq!(code, 0, "kubectl kustomize {dir}: {stderr}");
+        serde_yaml::Deserializer::from_str(&stdout)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect()
+    };
+    let find = |objects: &[serde_yaml::Value], kind: &str, name: &str| -> serde_yaml::Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    // GPU Feature Discovery's label, or the one set by hand: ORed node selector terms.
+    let gpu_terms: serde_yaml::Value = serde_yaml::from_str(
+        r#"[{matchExpressions: [{key: nvidia.com/gpu.present, operator: In, values: ["true"]}]},
+            {matchExpressions: [{key: aistack.io/gpu, operator: In, values: ["true"]}]}]"#,
+    )
+    .unwrap();
+
+    let mut dirs = vec!["k8s/base".to_owned()];
+    for entry in std::fs::read_dir(workspace_root().join("k8s/overlays")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.join("kustomization.yaml").exists() {
+            let relative = path.strip_prefix(workspace_root()).unwrap();
+            dirs.push(relative.to_string_lossy().into_owned());
+        }
+    }
+    assert!(dirs.len() > 1, "no overlay in k8s/overlays");
+    let mut with_component = 0;
+    for dir in &dirs {
+        let objects = render(dir);
+        let namespace = find(&objects, "Namespace", "aistack");
+        assert_eq!(
+            namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "{dir}"
+        );
+        for (kind, name) in [
+            ("DaemonSet", "aistack-exporter"),
+            ("Deployment", "aistack-actioner"),
+        ] {
+            let workload = find(&objects, kind, name);
+            let spec = &workload["spec"]["template"]["spec"];
+            assert!(spec["nodeSelector"].is_null(), "{dir}: {kind} {name}");
+            let terms =
+                spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                    ["nodeSelectorTerms"]
+                    .as_sequence()
+                    .unwrap_or_else(|| panic!("{dir}: {kind} {name} has no node affinity"));
+            // An overlay may add terms (a label of the user's own), never lose these two.
+            assert_eq!(
+                terms.get(..2),
+                gpu_terms.as_sequence().map(|t| &t[..]),
+                "{dir}: {kind} {name}"
+            );
+        }
+
+        let monitoring: Vec<&serde_yaml::Value> = objects
+            .iter()
+            .filter(|o| {
+                o["apiVersion"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+            })
+            .collect();
+        let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
+        let uses_component = kustomization["components"].as_sequence().is_some_and(|c| {
+            c.iter().any(|p| {
+                p.as_str()
+                    .is_some_and(|p| p.ends_with("components/kube-prometheus-stack"))
+            })
+        });
+        if !uses_component {
+            assert!(
+                monitoring.iter().all(|o| o["kind"] != "AlertmanagerConfig"
+                    && o["metadata"]["labels"]["release"].is_null()),
+                "{dir}"
+            );
+            continue;
+        }
+        with_component += 1;
+
+        // What the chart's Prometheus and Alertmanager select by default.
+        let mut kinds: Vec<&str> = monitoring
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        kinds.sort_unstable();
+        assert_eq!(
+            kinds,
+            [
+                "AlertmanagerConfig",
+                "PrometheusRule",
+                "ServiceMonitor",
+                "ServiceMonitor"
+            ],
+            "{dir}"
+        );
+        for object in &monitoring {
+            assert_eq!(
+                object["metadata"]["labels"]["release"], "kube-prometheus-stack",
+                "{dir}: {:?}",
+                object["metadata"]
+            );
+            assert_eq!(object["metadata"]["namespace"], "aistack", "{dir}");
+        }
+
+        // The AlertmanagerConfig: every route names one of its receivers; the actioner's
+        // webhook is the actioner's Service, with the token the actioner reads.
+        let config = find(&objects, "AlertmanagerConfig", "aistack");
+        assert_eq!(config["apiVersion"], "monitoring.coreos.com/v1alpha1");
+        let receivers = config["spec"]["receivers"].as_sequence().unwrap();
+        let names: BTreeSet<&str> = receivers
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        fn route_receivers<'a>(route: &'a serde_yaml::Value, out: &mut Vec<&'a str>) {
+            out.push(route["receiver"].as_str().unwrap());
+            for child in route["routes"].as_sequence().into_iter().flatten() {
+                route_receivers(child, out);
+            }
+        }
+        let mut routed = Vec::new();
+        route_receivers(&config["spec"]["route"], &mut routed);
+        for receiver in &routed {
+            assert!(names.contains(receiver), "{dir}: no receiver {receiver}");
+        }
+        assert!(routed.contains(&"actioner"), "{dir}: {routed:?}");
+        // What cannot go through the actioner does not: its own "down", its failing
+        // notify, and the dead man's switch.
+        let mut around = BTreeSet::new();
+        for child in config["spec"]["route"]["routes"].as_sequence().unwrap() {
+            let matches = |name: &str| {
+                child["matchers"].as_sequence().unwrap().iter().any(|m| {
+                    m["name"] == "alertname"
+                        && m["value"]
+                            .as_str()
+                            .is_some_and(|v| v.split('|').any(|a| a == name))
+                })
+            };
+            for (name, receiver) in [
+                ("AistackActionerDown", "ntfy-direct"),
+                ("AistackActionFailed", "ntfy-direct"),
+                ("AistackWatchdog", "heartbeat"),
+                ("Watchdog", "heartbeat"),
+            ] {
+                if matches(name) {
+                    assert_eq!(child["receiver"], receiver, "{dir}: {child:?}");
+                    around.insert(name);
+                }
+            }
+        }
+        assert_eq!(around.len(), 4, "{dir}: routes only for {around:?}");
+        let actioner = receivers
+            .iter()
+            .find(|r| r["name"] == "actioner")
+            .unwrap_or_else(|| panic!("{dir}: no receiver actioner"));
+        let webhook = &actioner["webhookConfigs"][0];
+        let service = find(&objects, "Service", "aistack-actioner");
+        assert_eq!(
+            webhook["url"],
+            format!(
+                "http://aistack-actioner.aistack.svc:{}/api/v1/alerts",
+                service["spec"]["ports"][0]["port"].as_u64().unwrap()
+            ),
+            "{dir}"
+        );
+        assert_eq!(webhook["sendResolved"], true, "{dir}");
+        let authorization = &webhook["httpConfig"]["authorization"];
+        assert_eq!(authorization["type"], "Bearer", "{dir}");
+        let deployment = find(&objects, "Deployment", "aistack-actioner");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let secret_volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == authorization["credentials"]["name"])
+            .unwrap_or_else(|| panic!("{dir}: the actioner does not mount {authorization:?}"));
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == secret_volume["name"])
+            .unwrap();
+        let actioner_config = objects
+            .iter()
+            .find(|o| {
+                o["kind"] == "ConfigMap"
+                    && o["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("aistack-actioner"))
+            })
+            .unwrap();
+        let actioner_yaml: serde_yaml::Value =
+            serde_yaml::from_str(actioner_config["data"]["actioner.yaml"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(
+            actioner_yaml["auth"]["bearer_token_file"],
+            format!(
+                "{}/{}",
+                mount["mountPath"].as_str().unwrap(),
+                authorization["credentials"]["key"].as_str().unwrap()
+            ),
+            "{dir}"
+        );
+    }
+    assert!(
+        with_component > 0,
+        "no overlay uses components/kube-prometheus-stack"
+    );
+}
+
+/// What cannot go through the actioner does not: its own "down", its failing notifications and
+/// the dead man's switch; everything else that acts still reaches it.
+#[test]
+fn the_shipped_alertmanager_config_routes_around_the_actioner() {
+    for (receiver, labels) in [
+        (
+            "ntfy-direct",
+            "alertname=AistackActionerDown severity=warning instance=gpu-box:9471",
+        ),
+        (
+            "ntfy-direct",
+            "alertname=AistackActionFailed severity=warning instance=gpu-box:9471 action=notify result=failed",
+        ),
+        (
+            "aistack-actioner",
+            "alertname=AistackActionFailed severity=warning instance=gpu-box:9471 action=failback result=failed",
+        ),
+        ("heartbeat", "alertname=AistackWatchdog severity=info"),
+        (
+            "aistack-actioner",
+            "alertname=AistackVllmDown severity=critical instance=gpu-box:9470",
+        ),
+        (
+            "aistack-actioner",
+            "alertname=AistackGpuHostWorkload severity=info instance=gpu-box:9470",
+        ),
+        (
+            "quiet",
+            "alertname=AistackModelCacheLarge severity=info instance=gpu-box:9470",
+        ),
+    ] {
+        let verify = format!("--verify.receivers={receiver}");
+        let mut args = vec![
+            "config",
+            "routes",
+            "test",
+            "--config.file=alerts/alertmanager.yml",
+            verify.as_str(),
+        ];
+        args.extend(labels.split(' '));
+        let (code, stdout, stderr) = run_in_root("amtool", &args);
+        assert_eq!((code, stdout.trim()), (0, receiver), "{labels}: {stderr}");
+    }
 }
