@@ -672,6 +672,32 @@ fn both_dockerfiles_share_one_runtime_layout() {
         tails("compose/Dockerfile"),
         tails("compose/Dockerfile.prebuilt")
     );
+
+    // A variable in FROM must be an ARG declared before the first FROM: one declared in a
+    // stage expands to nothing there ("base name should not be blank"), as compose/Dockerfile
+    // once did.
+    for path in ["compose/Dockerfile", "compose/Dockerfile.prebuilt"] {
+        let text = read(path);
+        let mut global = BTreeSet::new();
+        let mut seen_from = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(arg) = line.strip_prefix("ARG ") {
+                if !seen_from {
+                    global.insert(arg.split('=').next().unwrap().trim().to_owned());
+                }
+            } else if let Some(from) = line.strip_prefix("FROM ") {
+                seen_from = true;
+                if let Some(start) = from.find("${") {
+                    let name = &from[start + 2..start + from[start..].find('}').unwrap()];
+                    assert!(
+                        global.contains(name),
+                        "{path}: FROM uses {name}, no global ARG"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// kube-prometheus-stack selects what it scrapes, evaluates and routes by labels: every
@@ -919,6 +945,10 @@ fn the_shipped_alertmanager_config_routes_around_the_actioner() {
             "alertname=AistackActionFailed severity=warning instance=gpu-box:9471 action=failback result=failed",
         ),
         ("heartbeat", "alertname=AistackWatchdog severity=info"),
+        (
+            "ntfy-direct,aistack-actioner",
+            "alertname=AistackGpuNodeDown severity=critical instance=gpu-box:9470",
+        ),
         (
             "aistack-actioner",
             "alertname=AistackVllmDown severity=critical instance=gpu-box:9470",

@@ -20,7 +20,8 @@ use aistack_tests::ntfy::{FakeNtfy, Mode};
 use aistack_tests::stub::StubServer;
 use aistack_tests::{
     Alertmanager, Container, Daemon, Prometheus, binary, copy_tree, docker, fake_nvml_library,
-    fixtures, get, get_with_token, post_json, shipped_alertmanager_config, shipped_rules, wait_for,
+    fixtures, get, get_with_token, post_json, shipped_alertmanager_config_to, shipped_rules,
+    wait_for,
 };
 use serde_json::{Value, json};
 
@@ -293,9 +294,10 @@ actions:
         );
 
         // Alertmanager with the shipped routing, Prometheus with the shipped rules.
-        let am = Alertmanager::start(&shipped_alertmanager_config(
+        let am = Alertmanager::start(&shipped_alertmanager_config_to(
             &actioner.address,
             dir.path().join("token").to_str().unwrap(),
+            &ntfy.url,
         ));
         let rules = shipped_rules(dir.path());
         let prometheus = Prometheus::start_with(
@@ -713,7 +715,8 @@ fn outages_are_seen_and_everything_recovers_when_it_returns() {
     println!("outage: system bus: logind_up 0 while away, 1 on return");
 
     // ntfy fails: the page is retried, then journaled failed and counted; once ntfy is back,
-    // AistackActionFailed reaches the phone.
+    // AistackActionFailed reaches the phone, straight from Alertmanager (the ntfy-direct
+    // route: a failing notify is never told through the notify that fails).
     wait_value(&stack, "aistack_service_up{kind=\"vllm\"}", 1.0);
     stack.ntfy.set_mode(Mode::Fail(1000));
     stack.vllm.set("/health", 503, "");
@@ -728,7 +731,24 @@ fn outages_are_seen_and_everything_recovers_when_it_returns() {
     wait_for(
         Duration::from_secs(30),
         "AistackActionFailed on the phone",
-        || (count(&stack, "[FIRING] AistackActionFailed") == 1).then_some(()),
+        || {
+            stack
+                .ntfy
+                .direct()
+                .iter()
+                .any(|(topic, body)| {
+                    topic == "aistack-change-me"
+                        && body["status"] == "firing"
+                        && body["commonLabels"]["alertname"] == "AistackActionFailed"
+                        && body["commonLabels"]["action"] == "notify"
+                })
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        count(&stack, "[FIRING] AistackActionFailed"),
+        0,
+        "not through the actioner"
     );
     stack.vllm.set("/health", 200, "");
     wait_for(Duration::from_secs(30), "the resolution", || {

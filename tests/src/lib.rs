@@ -544,6 +544,12 @@ impl Drop for Prometheus {
 /// alerts/alertmanager.yml with the actioner at `actioner` (`host:port`), its token in
 /// `token_file`, and second-scale timings; routes, matchers and inhibitions untouched.
 pub fn shipped_alertmanager_config(actioner: &str, token_file: &str) -> String {
+    shipped_alertmanager_config_to(actioner, token_file, "http://127.0.0.1:9")
+}
+
+/// [`shipped_alertmanager_config`], with the dead man's switch and the `ntfy-direct` receiver
+/// posting under `direct` (a stand-in ntfy's base URL) instead of loopback's discard port.
+pub fn shipped_alertmanager_config_to(actioner: &str, token_file: &str, direct: &str) -> String {
     let mut config =
         std::fs::read_to_string(workspace_root().join("alerts/alertmanager.yml")).unwrap();
     for (from, to) in [
@@ -569,11 +575,11 @@ pub fn shipped_alertmanager_config(actioner: &str, token_file: &str) -> String {
         // port, never to the internet.
         (
             "https://heartbeat.invalid/replace-with-your-ping-url".to_owned(),
-            "http://127.0.0.1:9/heartbeat".to_owned(),
+            format!("{direct}/heartbeat"),
         ),
         (
             "https://ntfy.sh/aistack-change-me?".to_owned(),
-            "http://127.0.0.1:9/aistack-change-me?".to_owned(),
+            format!("{direct}/aistack-change-me?"),
         ),
     ] {
         assert!(

@@ -30,6 +30,7 @@ struct Inner {
     published: Vec<serde_json::Value>,
     attempts: usize,
     authorization: Vec<String>,
+    direct: Vec<(String, serde_json::Value)>,
 }
 
 /// The stand-in; stops with the test process.
@@ -88,6 +89,19 @@ async fn publish(
     }
 }
 
+/// `POST /{topic}`: what Alertmanager's webhook posts straight to a topic (the `ntfy-direct`
+/// receiver); kept as sent, with the topic.
+async fn publish_to_topic(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(topic): axum::extract::Path<String>,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let body = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
+    inner.lock().unwrap().direct.push((topic, body));
+    (StatusCode::OK, "{}".into())
+}
+
 impl FakeNtfy {
     /// Starts it on a loopback port, in a thread of its own.
     pub fn start() -> Self {
@@ -96,10 +110,12 @@ impl FakeNtfy {
             published: Vec::new(),
             attempts: 0,
             authorization: Vec::new(),
+            direct: Vec::new(),
         }));
         let url = crate::serve(
             Router::new()
                 .route("/", post(publish))
+                .route("/{topic}", post(publish_to_topic))
                 .with_state(inner.clone()),
         );
         Self { inner, url }
@@ -118,6 +134,12 @@ impl FakeNtfy {
     /// Publish attempts so far, failed ones included.
     pub fn attempts(&self) -> usize {
         self.inner.lock().unwrap().attempts
+    }
+
+    /// What was posted straight to a topic (`POST /{topic}`), with the topic: Alertmanager's
+    /// `ntfy-direct` receiver.
+    pub fn direct(&self) -> Vec<(String, serde_json::Value)> {
+        self.inner.lock().unwrap().direct.clone()
     }
 
     /// The Authorization headers seen.
