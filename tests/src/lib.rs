@@ -226,24 +226,31 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
-/// Checks `text` with `promtool check metrics`, the classic text format's reference linter;
-/// returns its complaint when it has one.
-pub fn check_text_format(text: &str) -> Result<(), String> {
+/// Runs `command` with `text` on its stdin; `install` says where the program comes from.
+fn pipe_through(mut command: Command, text: &str, install: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("promtool: {e} (./tests/run installs prometheus)"));
+        .unwrap_or_else(|e| panic!("{program}: {e} ({install})"));
     child
         .stdin
         .take()
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Checks `text` with `promtool check metrics`, the classic text format's reference linter;
+/// returns its complaint when it has one.
+pub fn check_text_format(text: &str) -> Result<(), String> {
+    let mut promtool = Command::new("promtool");
+    promtool.args(["check", "metrics"]);
+    let out = pipe_through(promtool, text, "./tests/run installs prometheus");
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -259,24 +266,10 @@ pub fn check_text_format(text: &str) -> Result<(), String> {
 /// Checks `text` with the strict OpenMetrics parser of Python's prometheus_client; returns the
 /// family names it found, or the parser's complaint.
 pub fn parse_openmetrics(text: &str) -> Result<Vec<String>, String> {
-    use std::io::Write;
     let python = std::env::var("AISTACK_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    let mut child = Command::new(&python)
-        .arg(workspace_root().join("tests/openmetrics_check.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{python}: {e} (./tests/run installs python3-prometheus-client)")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut parser = Command::new(&python);
+    parser.arg(workspace_root().join("tests/openmetrics_check.py"));
+    let out = pipe_through(parser, text, "./tests/run installs python3-prometheus-client");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
