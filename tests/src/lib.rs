@@ -269,7 +269,11 @@ pub fn parse_openmetrics(text: &str) -> Result<Vec<String>, String> {
     let python = std::env::var("AISTACK_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
     let mut parser = Command::new(&python);
     parser.arg(workspace_root().join("tests/openmetrics_check.py"));
-    let out = pipe_through(parser, text, "./tests/run installs python3-prometheus-client");
+    let out = pipe_through(
+        parser,
+        text,
+        "./tests/run installs python3-prometheus-client",
+    );
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
