@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod planner;
 pub mod policy;
 pub mod poll;
+pub mod prerequisites;
 pub mod recorder;
 pub mod rules;
 pub mod throttle;

@@ -54,6 +54,7 @@ fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         dry_run = config.dry_run,
         "loaded config"
     );
+    aistack_actioner::prerequisites::announce(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -258,3 +258,66 @@ fn a_journal_that_cannot_be_written_answers_500_and_nothing_acts() {
     assert!(udp.recv_from(&mut [0u8; 256]).is_ok(), "the retry acted");
     drop(actioner);
 }
+
+/// No system bus, no Docker socket, no kubeconfig: the actioner starts, says once at start which
+/// actions fail until each piece appears, and serves (the compose bundle runs it so too).
+#[test]
+fn missing_pieces_are_announced_at_start_and_the_rest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), "0123456789abcdef\n");
+    let config = dir.path().join("actioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+host: gpu-box
+state_dir: {state}
+auth: {{bearer_token_file: {token}}}
+rules:
+  - {{name: sleep, match: {{alertname: AistackHostIdle}}, action: suspend}}
+  - {{name: over, match: {{alertname: AistackVllmDown}}, action: failover}}
+  - {{name: back, match: {{alertname: AistackVllmDown}}, on: resolved, action: failback}}
+  - {{name: fix, match: {{alertname: AistackContainerUnhealthy}}, action: repair, target_label: container}}
+actions:
+  failover: {{platform: docker, docker: {{primary: vllm, fallback: ollama}}}}
+  repair: {{kubernetes: {{deployments: [ml/ollama]}}}}
+"#,
+            state = dir.path().join("state").display(),
+            token = dir.path().join("token").display(),
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(aistack_tests::binary(ACTIONER));
+    command
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            "unix:path=/nonexistent/system_bus_socket",
+        )
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", dir.path());
+    let actioner = Daemon::start_with(command, &["--config.file", config.to_str().unwrap()]);
+    assert_eq!(actioner.get("/healthz").status, 200);
+    let log = actioner.log();
+    let said = |missing: &str, actions: &str| {
+        log.iter()
+            .filter(|l| l.contains(missing) && l.contains(&format!(r#""actions":"{actions}""#)))
+            .count()
+    };
+    assert_eq!(
+        said("no socket at /nonexistent/system_bus_socket", "suspend"),
+        1,
+        "{log:#?}"
+    );
+    assert_eq!(
+        said(
+            "no socket at /nonexistent/docker.sock",
+            "failover, failback"
+        ),
+        1,
+        "{log:#?}"
+    );
+    assert_eq!(said("a Kubernetes API", "repair"), 1, "{log:#?}");
+    assert!(actioner.terminate().success());
+}

@@ -384,6 +384,14 @@ fn the_compose_bundle_comes_up_offline_and_closes_the_loop() {
         },
     );
     eprintln!("compose: both healthy after {:?}", started.elapsed());
+    // It said at start what it cannot do without the bus and the Docker socket.
+    let (_, logs) = project.compose(&["logs", "--no-color", "actioner"]);
+    for missing in [
+        "no socket at /run/dbus/system_bus_socket",
+        "no socket at /var/run/docker.sock",
+    ] {
+        assert!(logs.contains(missing), "{missing}:\n{logs}");
+    }
 
     // Prometheus scrapes both.
     let query = |promql: &str| -> serde_json::Value {
