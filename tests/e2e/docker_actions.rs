@@ -271,6 +271,16 @@ fn a_primary_that_never_answers_leaves_the_fallback_serving() {
 #[test]
 fn repair_restarts_then_recreates_and_leaves_stopped_containers_alone() {
     let volume = format!("aistack-test-{}-data", std::process::id());
+    // Removed after the containers (declared first, dropped last): a named volume outlives them.
+    struct RemoveVolume(String);
+    impl Drop for RemoveVolume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["volume", "rm", "-f", &self.0])
+                .output();
+        }
+    }
+    let _remove_volume = RemoveVolume(volume.clone());
     let healthy_after_restart = Container::run(
         "flaky",
         &[
