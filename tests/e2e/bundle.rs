@@ -372,8 +372,12 @@ fn the_compose_bundle_validates_with_pinned_images_and_files_that_exist() {
         assert_eq!(code, 0, "docker-compose config: {stderr}");
         serde_yaml::from_str(&stdout).unwrap()
     };
-    // .env.example as it is: no made-up ids, compose says what to set.
+    // .env.example as it is validates (example ids); without ids, compose says what to set.
     let (code, _, stderr) = config_with("compose/.env.example");
+    assert_eq!(code, 0, "docker-compose config with .env.example: {stderr}");
+    let no_ids = dir.path().join("no-ids.env");
+    std::fs::write(&no_ids, "COMPOSE_PROJECT_NAME=aistack\n").unwrap();
+    let (code, _, stderr) = config_with(no_ids.to_str().unwrap());
     assert_ne!(code, 0);
     assert!(stderr.contains("set AISTACK_UID in .env"), "{stderr}");
     let services = |config: &serde_yaml::Value| -> BTreeSet<String> {
