@@ -75,7 +75,6 @@ pub fn missing(config: &Config) -> Vec<Missing> {
     if !repair.kubernetes.deployments.is_empty() {
         needs_kube.extend(uses(&[ActionKind::Repair]));
     }
-    needs_kube.dedup();
     if !needs_kube.is_empty() && !kubernetes_reachable() {
         found.push(Missing {
             what:

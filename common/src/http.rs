@@ -98,12 +98,13 @@ fn media_ranges(header: &str) -> impl Iterator<Item = (&str, f32)> {
 /// end in `_info`); `_created` samples and exemplars are dropped.
 pub fn to_classic(openmetrics: &str, out: &mut String) {
     let mut help: Option<(&str, &str)> = None;
-    let mut created: Option<String> = None;
+    // The counter family whose `<name>_created` samples are dropped.
+    let mut counter: Option<&str> = None;
     for line in openmetrics.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
             help = Some((name, text));
-            created = None;
+            counter = None;
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
             let (suffix, kind) = match kind {
@@ -115,7 +116,7 @@ pub fn to_classic(openmetrics: &str, out: &mut String) {
                 _ => ("", "untyped"),
             };
             if matches!(kind, "counter") {
-                created = Some(format!("{name}_created"));
+                counter = Some(name);
             }
             if let Some((_, text)) = help.take().filter(|(n, _)| *n == name) {
                 push_line(out, &["# HELP ", name, suffix, " ", text]);
@@ -125,7 +126,7 @@ pub fn to_classic(openmetrics: &str, out: &mut String) {
             // `# UNIT`, `# EOF`: OpenMetrics only.
         } else if !line.is_empty() {
             let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-            if created.as_deref() == Some(&line[..name_end]) {
+            if counter.is_some_and(|c| line[..name_end].strip_suffix("_created") == Some(c)) {
                 continue;
             }
             // An exemplar follows ` # ` after the value, outside any label value.

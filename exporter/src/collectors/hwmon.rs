@@ -49,6 +49,12 @@ pub fn temp_input_index(file_name: &str) -> Option<u32> {
         .ok()
 }
 
+/// Whether a name is a sensor's fallback name, `tempN`.
+fn is_index_name(name: &str) -> bool {
+    name.strip_prefix("temp")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Reads every chip under `hwmon`; a missing directory is no data.
 pub fn read_chips(hwmon: &Path) -> Result<Vec<ChipReading>, CollectorError> {
     let entries = std::fs::read_dir(hwmon).map_err(|e| CollectorError::read(hwmon, e))?;
@@ -176,15 +182,10 @@ impl HwmonSample {
                 let by_index = format!("temp{index}");
                 // A label naming another sensor's index (`temp1_label` = "temp2") would take
                 // that sensor's fallback name.
-                let looks_like_an_index = |label: &str| {
-                    label
-                        .strip_prefix("temp")
-                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                };
                 let sensor = match &t.label {
                     Some(label)
                         if sensor_count[label.as_str()] == 1
-                            && (!looks_like_an_index(label) || *label == by_index) =>
+                            && (!is_index_name(label) || *label == by_index) =>
                     {
                         label.clone()
                     }

@@ -546,27 +546,27 @@ async fn fetch_extra(
 impl Detail {
     /// At most [`MAX_MODELS`] names per list, the first in name order.
     fn capped(self, service: &str, extra: Extra) -> Self {
-        fn cut<K: Ord + Clone, V>(mut map: BTreeMap<K, V>) -> (BTreeMap<K, V>, usize) {
-            let Some(first_cut) = map.keys().nth(MAX_MODELS).cloned() else {
-                return (map, 0);
-            };
-            let dropped = map.split_off(&first_cut).len();
-            (map, dropped)
-        }
-        let as_map = |set: BTreeSet<String>| set.into_iter().map(|m| (m, ())).collect();
-        let (capped, dropped) = match self {
+        // The lists are sorted maps and sets: their first MAX_MODELS are the first by name.
+        let mut dropped = 0;
+        let mut cut = |len: usize| {
+            dropped += len.saturating_sub(MAX_MODELS);
+            MAX_MODELS
+        };
+        let capped = match self {
             Self::Models(models) => {
-                let (models, dropped) = cut::<String, ()>(as_map(models));
-                (Self::Models(models.into_keys().collect()), dropped)
+                let keep = cut(models.len());
+                Self::Models(models.into_iter().take(keep).collect())
             }
             Self::Tags { local, remote } => {
-                let (local, a) = cut(local);
-                let (remote, b) = cut(remote);
-                (Self::Tags { local, remote }, a + b)
+                let (keep_local, keep_remote) = (cut(local.len()), cut(remote.len()));
+                Self::Tags {
+                    local: local.into_iter().take(keep_local).collect(),
+                    remote: remote.into_iter().take(keep_remote).collect(),
+                }
             }
             Self::Loaded(loaded) => {
-                let (loaded, dropped) = cut(loaded);
-                (Self::Loaded(loaded), dropped)
+                let keep = cut(loaded.len());
+                Self::Loaded(loaded.into_iter().take(keep).collect())
             }
         };
         if dropped > 0 {
