@@ -106,6 +106,14 @@ pub struct GpuState {
     /// Names of those processes, for people.
     #[serde(default)]
     pub host_workload_processes: Vec<String>,
+    /// Whether it answers NVML; `false` for a GPU seen earlier that stopped answering (fallen
+    /// off the bus, unplugged). Exporters before 0.2 list only answering GPUs.
+    #[serde(default = "answering")]
+    pub up: bool,
+}
+
+fn answering() -> bool {
+    true
 }
 
 /// The oldest GPU sample that still counts as evidence: this, or three sampling intervals
@@ -130,8 +138,17 @@ impl GpuReport {
             }
             Some(_) => {}
         }
-        if self.gpus.is_empty() {
+        if self.gpus.iter().all(|g| !g.up) {
             return Err("the exporter sees no GPU".into());
+        }
+        let lost: Vec<String> = self
+            .gpus
+            .iter()
+            .filter(|g| !g.up)
+            .map(|g| format!("GPU {} ({})", g.gpu, g.uuid))
+            .collect();
+        if !lost.is_empty() {
+            return Err(format!("{} stopped answering", lost.join(", ")));
         }
         let busy: Vec<String> = self
             .gpus
@@ -164,6 +181,7 @@ mod tests {
             name: "RTX".into(),
             host_workload_active: busy,
             host_workload_processes: if busy { vec!["steam".into()] } else { vec![] },
+            up: true,
         }
     }
 
@@ -218,9 +236,44 @@ mod tests {
                 gpus: vec![],
                 ..free.clone()
             },
+            GpuReport {
+                gpus: vec![GpuState {
+                    up: false,
+                    ..gpu(false)
+                }],
+                ..free.clone()
+            },
         ] {
             assert!(unseen.confirm_free().is_err(), "{unseen:?}");
         }
+    }
+
+    #[test]
+    fn a_lost_gpu_is_no_evidence_of_a_free_one() {
+        let report = GpuReport {
+            nvml_up: true,
+            sample_age_s: Some(1.0),
+            interval_s: Some(1.0),
+            gpus: vec![
+                gpu(false),
+                GpuState {
+                    gpu: 1,
+                    uuid: "GPU-2".into(),
+                    up: false,
+                    ..gpu(false)
+                },
+            ],
+        };
+        assert_eq!(
+            report.confirm_free().unwrap_err(),
+            "GPU 1 (GPU-2) stopped answering"
+        );
+        // What a 0.1 exporter sends: no `up`, so every listed GPU answers.
+        let old: GpuState = serde_json::from_str(
+            r#"{"gpu":0,"uuid":"GPU-1","name":"RTX","host_workload_active":false}"#,
+        )
+        .unwrap();
+        assert!(old.up);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::collectors::cpu::{CpuCollector, CpuSample};
 use crate::collectors::docker::{DockerCollector, DockerSample};
 use crate::collectors::gpu::attribution::Attribution;
+use crate::collectors::gpu::health::HealthWhileMissing;
 use crate::collectors::gpu::nvml::NvmlSource;
 use crate::collectors::gpu::{GpuCollector, GpuSample};
 use crate::collectors::hwmon::HwmonCollector;
@@ -32,7 +33,7 @@ use crate::collectors::wol::WolCollector;
 use crate::collectors::{Collector, CollectorKind, Latest, Schedule, Snapshot, spawn};
 use crate::config::Config;
 use crate::http::AppState;
-use crate::metrics::{CollectorView, ExporterMetrics, view};
+use crate::metrics::{CollectorView, ExporterMetrics, view, view_with_missing};
 
 /// Where the collectors read the system from (`--path.procfs`, `--path.sysfs`).
 #[derive(Debug, Clone)]
@@ -94,6 +95,18 @@ impl Running {
         self.tasks.push(task);
         self.views.push(view(kind, tx.subscribe()));
     }
+
+    /// The gpu collector: [`Running::add_on`], showing the GPUs it saw while NVML is down.
+    fn add_gpu(&mut self, schedule: Schedule, collector: GpuCollector, tx: &Publisher<GpuSample>) {
+        let missing = Arc::new(HealthWhileMissing(collector.health()));
+        let task = spawn(CollectorKind::Gpu, collector, schedule, tx.clone());
+        self.tasks.push(task);
+        self.views.push(view_with_missing(
+            CollectorKind::Gpu,
+            tx.subscribe(),
+            missing,
+        ));
+    }
 }
 
 /// A running exporter: its sampling tasks and the latest samples the HTTP surface serves.
@@ -129,7 +142,7 @@ impl Exporter {
                 K::Cpu => run.add_on(kind, at, CpuCollector::new(procfs), &shared.cpu),
                 K::Rapl => run.add_on(kind, at, RaplCollector::new(sysfs), &shared.rapl),
                 K::Hwmon => run.add(kind, at, HwmonCollector::new(sysfs)),
-                K::Gpu => run.add_on(kind, at, gpu(config, roots, containers)?, &shared.gpu),
+                K::Gpu => run.add_gpu(at, gpu(config, roots, containers)?, &shared.gpu),
                 K::Docker => run.add_on(kind, at, docker(config, at), &shared.docker),
                 K::Services => run.add(kind, whole(at), services(config, at, discovery)?),
                 K::Wol => run.add(kind, at, WolCollector::new(&config.wol, sysfs)),

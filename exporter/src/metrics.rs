@@ -100,10 +100,18 @@ pub trait CollectorView: fmt::Debug + Send + Sync {
     fn encode_sample(&self, encoder: &mut DescriptorEncoder) -> fmt::Result;
 }
 
+/// What a collector shows while it has no sample, after [`EncodeSample::encode_missing`]:
+/// state it keeps between samples (the GPUs it has seen, say).
+pub trait EncodeWhileMissing: fmt::Debug + Send + Sync + 'static {
+    /// Encodes that state; each family complete.
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> fmt::Result;
+}
+
 #[derive(Debug)]
 struct View<S> {
     kind: CollectorKind,
     latest: Latest<S>,
+    missing: Option<Arc<dyn EncodeWhileMissing>>,
 }
 
 impl<S: EncodeSample> CollectorView for View<S> {
@@ -123,7 +131,13 @@ impl<S: EncodeSample> CollectorView for View<S> {
         };
         match sample {
             Some(sample) => sample.encode(encoder),
-            None if ran => S::encode_missing(encoder),
+            None if ran => {
+                S::encode_missing(encoder)?;
+                match &self.missing {
+                    Some(missing) => missing.encode(encoder),
+                    None => Ok(()),
+                }
+            }
             None => Ok(()),
         }
     }
@@ -131,7 +145,24 @@ impl<S: EncodeSample> CollectorView for View<S> {
 
 /// Wraps a collector's receiver for [`ExporterMetrics`].
 pub fn view<S: EncodeSample>(kind: CollectorKind, latest: Latest<S>) -> Box<dyn CollectorView> {
-    Box::new(View { kind, latest })
+    Box::new(View {
+        kind,
+        latest,
+        missing: None,
+    })
+}
+
+/// [`view`], showing `missing` too while the collector has no sample.
+pub fn view_with_missing<S: EncodeSample>(
+    kind: CollectorKind,
+    latest: Latest<S>,
+    missing: Arc<dyn EncodeWhileMissing>,
+) -> Box<dyn CollectorView> {
+    Box::new(View {
+        kind,
+        latest,
+        missing: Some(missing),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -240,3 +240,170 @@ fn every_dashboard_query_runs_and_returns_data_where_the_data_exists() {
     // their data here. Fewer means the set-up above broke, not the dashboards.
     assert!(checked >= 35, "only {checked} queries had their series");
 }
+
+/// Every `expr` in a dashboard JSON, with its panel's title, rows included.
+fn exprs(value: &serde_json::Value, title: &str, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let title = map.get("title").and_then(|t| t.as_str()).unwrap_or(title);
+            if let Some(expr) = map.get("expr").and_then(|e| e.as_str()) {
+                out.push((title.to_owned(), expr.to_owned()));
+            }
+            for v in map.values() {
+                exprs(v, title, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, title, out)),
+        _ => {}
+    }
+}
+
+/// NVIDIA's own dashboard for dcgm-exporter (Grafana 12239, kept in
+/// tests/fixtures/upstream/dcgm-exporter) against a real Prometheus running
+/// alerts/dcgm-compat.rules.yml over the exporter with two recorded GPUs: every panel NVML can
+/// feed answers, its variables list the instance and the GPUs, and the values are the
+/// recorded ones in DCGM's units. The one profiling panel (DCGM_FI_PROF_*) is the documented
+/// exception.
+#[test]
+fn nvidias_dcgm_dashboard_answers_from_aistack_data_through_the_compat_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), dir.path());
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gpu").join(name)).unwrap())
+            .unwrap()
+    };
+    let mut scenario = read("h100-80gb-hbm3.json");
+    let mut rtx = read("rtx-4080-super.json")["devices"][0].clone();
+    rtx["index"] = serde_json::json!(1);
+    rtx["uuid"] = serde_json::json!("GPU-44444444-0000-0000-0000-000000000000");
+    rtx["pci_bus_id"] = serde_json::json!("00000000:41:00.0");
+    scenario["devices"].as_array_mut().unwrap().push(rtx);
+    std::fs::write(
+        dir.path().join("scenario.json"),
+        serde_json::to_vec(&scenario).unwrap(),
+    )
+    .unwrap();
+    let config = dir.path().join("exporter.yaml");
+    std::fs::write(
+        &config,
+        format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("aistack-exporter"));
+    command.env("FAKE_NVML_SCENARIO", dir.path().join("scenario.json"));
+    let address = format!("127.0.0.1:{}", free_port());
+    let _exporter = Daemon::start_on(
+        command,
+        &[
+            "--config.file",
+            config.to_str().unwrap(),
+            "--path.procfs",
+            dir.path().join("proc").to_str().unwrap(),
+            "--path.sysfs",
+            dir.path().join("sys").to_str().unwrap(),
+        ],
+        &address,
+    );
+    let rules = workspace_root().join("alerts/dcgm-compat.rules.yml");
+    let prometheus = Prometheus::start_with(&[("aistack-exporter", &address)], Some(&rules), None);
+    let value = |promql: &str| -> Option<f64> {
+        prometheus.query(promql).first()?["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    };
+    wait_for(Duration::from_secs(30), "DCGM_FI_DEV_* recorded", || {
+        (prometheus.query("DCGM_FI_DEV_GPU_TEMP").len() == 2).then_some(())
+    });
+
+    // The dashboard's variables: label_values(DCGM_FI_DEV_GPU_TEMP, instance|gpu).
+    let label_values = |label: &str| -> BTreeSet<String> {
+        prometheus
+            .query(&format!("count by ({label}) (DCGM_FI_DEV_GPU_TEMP)"))
+            .iter()
+            .filter_map(|s| s["metric"][label].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(label_values("instance"), BTreeSet::from([address.clone()]));
+    assert_eq!(
+        label_values("gpu"),
+        BTreeSet::from(["0".to_owned(), "1".to_owned()])
+    );
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            fixtures().join("upstream/dcgm-exporter/dcgm-exporter-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut panels = Vec::new();
+    exprs(&dashboard["panels"], "", &mut panels);
+    assert_eq!(panels.len(), 8, "{panels:#?}");
+    let mut profiling = Vec::new();
+    for (title, expr) in &panels {
+        let expr = expr.replace("$instance", ".*").replace("$gpu", ".*");
+        let result = prometheus.query(&expr);
+        if expr.contains("DCGM_FI_PROF_") {
+            // Profiling counters need DCGM itself (docs/gpu.md#dcgm-names).
+            assert!(result.is_empty(), "{title}: {result:?}");
+            profiling.push(title.clone());
+            continue;
+        }
+        assert!(!result.is_empty(), "{title}: {expr} answers nothing");
+        // Grafana's single-GPU choice too.
+        let one = expr.replace("gpu=~\".*\"", "gpu=~\"1\"");
+        assert!(!prometheus.query(&one).is_empty(), "{title}: {one}");
+    }
+    assert_eq!(profiling, ["Tensor Core Utilization"]);
+
+    // DCGM's units, from the recorded H100 (GPU 0): °C, W, MHz, %, MiB, mJ.
+    let h100 = |name: &str| value(&format!("{name}{{gpu=\"0\"}}"));
+    assert_eq!(h100("DCGM_FI_DEV_GPU_TEMP"), Some(59.0));
+    assert_eq!(h100("DCGM_FI_DEV_MEMORY_TEMP"), Some(55.0));
+    assert_eq!(h100("DCGM_FI_DEV_POWER_USAGE"), Some(629.45));
+    assert_eq!(h100("DCGM_FI_DEV_SM_CLOCK"), Some(1980.0));
+    assert_eq!(h100("DCGM_FI_DEV_MEM_CLOCK"), Some(2619.0));
+    assert_eq!(h100("DCGM_FI_DEV_GPU_UTIL"), Some(100.0));
+    assert_eq!(h100("DCGM_FI_DEV_MEM_COPY_UTIL"), Some(11.0));
+    assert_eq!(
+        h100("DCGM_FI_DEV_FB_USED"),
+        Some(20_780_679_168.0 / 1_048_576.0)
+    );
+    assert_eq!(
+        h100("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
+        Some(1_843_276_512.0)
+    );
+    assert_eq!(h100("DCGM_FI_DEV_PCIE_REPLAY_COUNTER"), Some(9.0));
+    assert_eq!(h100("DCGM_FI_DEV_PCIE_LINK_GEN"), Some(5.0));
+    assert_eq!(h100("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH"), Some(16.0));
+    assert_eq!(h100("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"), Some(0.0));
+    assert_eq!(h100("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS"), Some(0.0));
+    assert_eq!(h100("DCGM_FI_DEV_ROW_REMAP_FAILURE"), Some(0.0));
+    assert_eq!(h100("DCGM_FI_DEV_XID_ERRORS"), Some(0.0));
+    // A GeForce card has no ECC and no HBM: no series, as with dcgm-exporter.
+    for absent in ["DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_MEMORY_TEMP"] {
+        assert!(
+            prometheus
+                .query(&format!("{absent}{{gpu=\"1\"}}"))
+                .is_empty(),
+            "{absent}"
+        );
+    }
+    assert_eq!(value("DCGM_FI_DEV_ENC_UTIL{gpu=\"1\"}"), Some(72.0));
+
+    // dcgm-exporter's labels on every recorded series.
+    let series = prometheus.query(r#"{__name__=~"DCGM_FI_DEV_.+", gpu="1"}"#);
+    assert!(series.len() >= 15, "{series:#?}");
+    for s in &series {
+        let m = &s["metric"];
+        assert_eq!(m["UUID"], "GPU-44444444-0000-0000-0000-000000000000", "{m}");
+        assert_eq!(m["modelName"], "NVIDIA GeForce RTX 4080 SUPER", "{m}");
+        assert_eq!(m["device"], "nvidia1", "{m}");
+        assert_eq!(m["Hostname"], "127.0.0.1", "{m}");
+        assert_eq!(m["pci_bus_id"], "00000000:41:00.0", "{m}");
+        assert_eq!(m["DCGM_FI_DRIVER_VERSION"], "590.48.01", "{m}");
+        assert_eq!(m["instance"], address.as_str(), "{m}");
+        assert!(m.get("uuid").is_none() && m.get("name").is_none(), "{m}");
+    }
+}

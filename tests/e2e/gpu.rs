@@ -187,6 +187,7 @@ fn the_gpu_api_sees_a_game_start_and_quit_next_to_an_inference_service() {
             "name": "NVIDIA GeForce RTX 4080 SUPER",
             "host_workload_active": true,
             "host_workload_processes": ["Cyberpunk2077.e"],
+            "up": true,
         })
     );
     let age = json["sample_age_s"].as_f64().unwrap();
@@ -449,4 +450,291 @@ fn process_series_stay_unique_and_bounded_through_the_nvml_c_api() {
         Some((10..=32).sum::<u32>().into())
     );
     parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+}
+
+const RTX: &str = r#"gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER""#;
+
+/// The home lab's eGPU over Thunderbolt: unplugged mid-run (XID 79, then the device answers
+/// GPU_IS_LOST, then it leaves the device list), and plugged in again. Its series read
+/// `gpu_up 0` instead of vanishing, the GPU API says the GPU is lost (so failback refuses),
+/// and it comes back through a re-initialisation of NVML.
+#[test]
+fn an_egpu_unplugged_mid_run_reads_down_and_comes_back_when_plugged_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("scenario.json");
+    let egpu = recorded("rtx-4080-super.json");
+    let exporter = start(dir.path(), &egpu);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    // XID counters of the alerted XIDs start at 0, so the first one is an increase.
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_xid_errors_total{{{RTX},xid="79"}}"#)
+        ),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_last_xid{{{RTX}}}")),
+        Some(0.0)
+    );
+
+    // Fallen off the bus: XID 79 arrives, the device answers GPU_IS_LOST.
+    let mut unplugged = egpu.clone();
+    unplugged["devices"][0]["lost"] = serde_json::json!(true);
+    unplugged["devices"][0]["xids"] = serde_json::json!([79]);
+    write_scenario(&scenario, &unplugged);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 0.0);
+    let body = if value(&body, &format!("aistack_gpu_last_xid{{{RTX}}}")) == Some(79.0) {
+        body
+    } else {
+        wait_for_value(&exporter, &format!("aistack_gpu_last_xid{{{RTX}}}"), 79.0)
+    };
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_xid_errors_total{{{RTX},xid="79"}}"#)
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(!body.contains("aistack_gpu_info{"), "{body}");
+    assert_eq!(value(&body, "aistack_nvml_up"), Some(1.0));
+    let api = gpu_api(&exporter);
+    assert_eq!(api["gpus"][0]["up"], false, "{api}");
+
+    // Gone from the device list; still down, not vanished.
+    let mut removed = egpu.clone();
+    removed["devices"] = serde_json::json!([]);
+    write_scenario(&scenario, &removed);
+    std::thread::sleep(Duration::from_secs(3));
+    let body = exporter.scrape().body;
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_up{{{RTX}}}")),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_xid_errors_total{{{RTX},xid="79"}}"#)
+        ),
+        Some(1.0),
+        "counts outlive the device: {body}"
+    );
+
+    // Plugged in again: found at the next re-initialisation (5 s after it went missing).
+    let mut replugged = egpu.clone();
+    replugged["devices"][0]["xids"] = serde_json::json!([79]);
+    write_scenario(&scenario, &replugged);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    assert!(body.contains("aistack_gpu_info{"), "{body}");
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_xid_errors_total{{{RTX},xid="79"}}"#)
+        ),
+        Some(1.0),
+        "an XID is delivered once: {body}"
+    );
+    assert_eq!(gpu_api(&exporter)["gpus"][0]["up"], true);
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let calls = std::fs::read_to_string(dir.path().join("calls.log")).unwrap();
+    let inits = calls.lines().filter(|l| *l == "nvmlInit_v2").count();
+    assert!(inits >= 2, "re-initialised to find the GPU again:\n{inits}");
+}
+
+/// With NVML gone as a whole, the GPUs seen before read down (an eGPU that was the only
+/// GPU), and XID counters stay.
+#[test]
+fn gpus_seen_before_read_down_while_nvml_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = start(dir.path(), &recorded("rtx-4080-super.json"));
+    wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    write_scenario(
+        &dir.path().join("scenario.json"),
+        &serde_json::json!({"gone": true}),
+    );
+    let body = wait_for_value(&exporter, "aistack_nvml_up", 0.0);
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_up{{{RTX}}}")),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            r#"aistack_gpu_xid_errors_total{{{RTX},xid="79"}}"#
+        )),
+        "{body}"
+    );
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+}
+
+const H100: &str =
+    r#"gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA H100 80GB HBM3""#;
+
+/// The health fields of a recorded H100 (ECC on, row remapping, HBM temperature) and a
+/// recorded consumer card (none of those: absent, not errors), then a row remap pending
+/// after an uncorrectable error.
+#[test]
+fn health_fields_of_recorded_gpus_and_a_row_remap_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = start(dir.path(), &recorded("h100-80gb-hbm3.json"));
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{H100}}}"), 1.0);
+    let expect = [
+        (
+            format!("aistack_gpu_memory_temperature_celsius{{{H100}}}"),
+            55.0,
+        ),
+        (
+            format!("aistack_gpu_memory_utilization_ratio{{{H100}}}"),
+            0.11,
+        ),
+        (
+            format!("aistack_gpu_encoder_utilization_ratio{{{H100}}}"),
+            0.0,
+        ),
+        (
+            format!(r#"aistack_gpu_pcie_link_generation{{{H100},link="current"}}"#),
+            5.0,
+        ),
+        (
+            format!(r#"aistack_gpu_pcie_link_generation{{{H100},link="max"}}"#),
+            5.0,
+        ),
+        (
+            format!(r#"aistack_gpu_pcie_link_width{{{H100},link="current"}}"#),
+            16.0,
+        ),
+        (
+            format!(r#"aistack_gpu_pcie_link_width{{{H100},link="max"}}"#),
+            16.0,
+        ),
+        (format!("aistack_gpu_pcie_replays_total{{{H100}}}"), 9.0),
+        (
+            format!(
+                r#"aistack_gpu_ecc_errors_total{{{H100},type="uncorrected",scope="volatile"}}"#
+            ),
+            0.0,
+        ),
+        (
+            format!(r#"aistack_gpu_ecc_errors_total{{{H100},type="corrected",scope="aggregate"}}"#),
+            0.0,
+        ),
+        (
+            format!(r#"aistack_gpu_remapped_rows{{{H100},cause="uncorrectable"}}"#),
+            0.0,
+        ),
+        (format!("aistack_gpu_remapped_rows_pending{{{H100}}}"), 0.0),
+        (format!("aistack_gpu_remapped_rows_failure{{{H100}}}"), 0.0),
+    ];
+    for (series, want) in &expect {
+        assert_eq!(value(&body, series), Some(*want), "{series}\n{body}");
+    }
+    // Hopper retires no pages (it remaps rows): the family is absent.
+    assert!(!body.contains("aistack_gpu_retired_pages{"), "{body}");
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+
+    write_scenario(
+        &dir.path().join("scenario.json"),
+        &recorded("h100-row-remap-pending.json"),
+    );
+    let body = wait_for_value(
+        &exporter,
+        &format!("aistack_gpu_remapped_rows_pending{{{H100}}}"),
+        1.0,
+    );
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_remapped_rows{{{H100},cause="uncorrectable"}}"#)
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &body,
+            &format!(
+                r#"aistack_gpu_ecc_errors_total{{{H100},type="uncorrected",scope="volatile"}}"#
+            )
+        ),
+        Some(1.0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = start(dir.path(), &recorded("rtx-4080-super.json"));
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    for absent in [
+        "aistack_gpu_memory_temperature_celsius{",
+        "aistack_gpu_ecc_errors_total{",
+        "aistack_gpu_remapped_rows{",
+        "aistack_gpu_retired_pages{",
+    ] {
+        assert!(!body.contains(absent), "{absent}\n{body}");
+    }
+    assert_eq!(
+        value(
+            &body,
+            &format!("aistack_gpu_encoder_utilization_ratio{{{RTX}}}")
+        ),
+        Some(0.72)
+    );
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_pcie_link_generation{{{RTX},link="max"}}"#)
+        ),
+        Some(4.0)
+    );
+}
+
+/// An XID storm: thousands of application faults and a run of values no driver sends. Every
+/// one is counted, distinct XIDs stay bounded, and the sampler and scrapes go on.
+#[test]
+fn an_xid_storm_is_counted_bounded_and_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("scenario.json");
+    let mut gpu = recorded("rtx-4080-super.json");
+    let exporter = start(dir.path(), &gpu);
+    wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    let storm: Vec<u64> = (0..3000u64)
+        .map(|i| [13, 31, 43][(i % 3) as usize])
+        .chain(1000..1200)
+        .collect();
+    gpu["devices"][0]["xids"] = serde_json::json!(storm);
+    write_scenario(&scenario, &gpu);
+    let mut slowest = Duration::ZERO;
+    let body = wait_for(Duration::from_secs(60), "every XID counted", || {
+        let started = std::time::Instant::now();
+        let body = exporter.scrape().body;
+        slowest = slowest.max(started.elapsed());
+        let total: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("aistack_gpu_xid_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (total == storm.len() as f64).then_some(body)
+    });
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a scrape took {slowest:?}"
+    );
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("aistack_gpu_xid_errors_total{"))
+        .count();
+    assert!(series <= 65, "{series} XID series");
+    assert!(body.contains(r#"xid="other""#), "{body}");
+    assert_eq!(
+        value(
+            &body,
+            &format!(r#"aistack_gpu_xid_errors_total{{{RTX},xid="13"}}"#)
+        ),
+        Some(1000.0)
+    );
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_last_xid{{{RTX}}}")),
+        Some(1199.0)
+    );
+    assert_eq!(value(&body, "aistack_nvml_up"), Some(1.0));
 }

@@ -7,11 +7,22 @@
 //!
 //! - `"gone": true` — the driver is not loaded: `nvmlInit_v2` and `nvmlDeviceGetCount_v2`
 //!   answer `NVML_ERROR_DRIVER_NOT_LOADED` (a driver reload, an unplugged eGPU).
-//! - a device's `"lost": true` — its calls answer `NVML_ERROR_GPU_IS_LOST`.
+//! - a device's `"lost": true` — its calls answer `NVML_ERROR_GPU_IS_LOST` (an eGPU unplugged
+//!   from under a running driver, a GPU fallen off the bus); removing it from `devices` is the
+//!   device count dropping.
+//! - a device's `"xids": [79, ...]` — XID critical errors, delivered once each, in order,
+//!   through event sets (`nvmlEventSetWait_v2`) the device is registered in; appending to the
+//!   list raises new ones. `"xid_events": false` makes the device not support the event.
+//!
+//! `nvmlInit_v2` and `nvmlShutdown` are reference-counted as in the real library: the state
+//! goes only with the last shutdown, so two NVML users in one process (the sampler and the
+//! XID event thread) do not pull it from under each other.
 //!
 //! The scenario is re-read by `nvmlInit_v2` and `nvmlDeviceGetCount_v2`, so a test changes what
-//! the "driver" says by rewriting the file. Every call is counted in `FAKE_NVML_CALLS` when set
-//! (one line per call), so tests can see what was asked.
+//! the "driver" says by rewriting the file; devices added to it are seen only after a new
+//! initialisation, as with the real library, which enumerates GPUs when it initialises (one
+//! removed is forgotten at once). Every call is counted in `FAKE_NVML_CALLS` when set (one
+//! line per call), so tests can see what was asked.
 //!
 //! This is the one place in the workspace with `unsafe`: a C ABI takes raw out-pointers. Every
 //! pointer is checked for null before it is written.
@@ -29,7 +40,9 @@ const ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
 const ERROR_NOT_SUPPORTED: NvmlReturn = 3;
 const ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
 const ERROR_DRIVER_NOT_LOADED: NvmlReturn = 9;
+const ERROR_TIMEOUT: NvmlReturn = 10;
 const ERROR_GPU_IS_LOST: NvmlReturn = 15;
+const ERROR_UNKNOWN: NvmlReturn = 999;
 
 /// Opaque device handle: index + 1 (never null).
 type Device = *mut std::ffi::c_void;
@@ -64,6 +77,54 @@ struct FakeDevice {
     clocks_event_reasons: Option<c_ulonglong>,
     #[serde(default)]
     processes: Vec<Process>,
+    utilization_memory_percent: Option<c_uint>,
+    encoder_utilization_percent: Option<c_uint>,
+    decoder_utilization_percent: Option<c_uint>,
+    memory_temperature_celsius: Option<c_uint>,
+    #[serde(default)]
+    pcie: Option<Pcie>,
+    #[serde(default)]
+    ecc: Option<Ecc>,
+    #[serde(default)]
+    retired_pages: Option<RetiredPages>,
+    #[serde(default)]
+    remapped_rows: Option<RemappedRows>,
+    #[serde(default)]
+    xid_events: Option<bool>,
+    #[serde(default)]
+    xids: Vec<c_ulonglong>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Pcie {
+    link_gen_current: Option<c_uint>,
+    link_gen_max: Option<c_uint>,
+    link_width_current: Option<c_uint>,
+    link_width_max: Option<c_uint>,
+    replay_counter: Option<c_ulonglong>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Ecc {
+    corrected_volatile: Option<c_ulonglong>,
+    uncorrected_volatile: Option<c_ulonglong>,
+    corrected_aggregate: Option<c_ulonglong>,
+    uncorrected_aggregate: Option<c_ulonglong>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RetiredPages {
+    single_bit: Option<c_ulonglong>,
+    double_bit: Option<c_ulonglong>,
+    pending: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RemappedRows {
+    correctable: Option<c_ulonglong>,
+    uncorrectable: Option<c_ulonglong>,
+    pending: Option<bool>,
+    failure: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -80,8 +141,27 @@ struct Process {
     used_memory_bytes: Option<c_ulonglong>,
 }
 
-/// `None` until `nvmlInit_v2` succeeded.
+/// `None` until `nvmlInit_v2` succeeded, and again after the last `nvmlShutdown`.
 static STATE: Mutex<Option<Scenario>> = Mutex::new(None);
+
+/// Successful `nvmlInit_v2` calls not yet matched by an `nvmlShutdown`.
+static INITS: Mutex<usize> = Mutex::new(0);
+
+/// The UUIDs the first `nvmlInit_v2` found. As with the real library, a GPU that appears
+/// later (an eGPU plugged in) is seen only after every user shut down and one initialised
+/// again; one that goes away is gone at once.
+static ENUMERATED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// `scenario` as NVML sees it: only devices enumerated at initialisation.
+fn visible(mut scenario: Scenario) -> Scenario {
+    let enumerated = ENUMERATED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    scenario
+        .devices
+        .retain(|d| d.uuid.as_ref().is_none_or(|u| enumerated.contains(u)));
+    scenario
+}
 
 fn record(call: &str) {
     if let Some(path) = std::env::var_os("FAKE_NVML_CALLS")
@@ -102,6 +182,27 @@ fn load() -> Scenario {
             gone: true,
             ..Scenario::default()
         })
+}
+
+/// [`load`], parsed again only when the file changed: event waits poll it, and an XID storm
+/// scenario is large.
+fn load_cached() -> Scenario {
+    static CACHE: Mutex<Option<((std::time::SystemTime, u64), Scenario)>> = Mutex::new(None);
+    let stamp = std::env::var_os("FAKE_NVML_SCENARIO")
+        .and_then(|path| std::fs::metadata(path).ok())
+        .and_then(|m| Some((m.modified().ok()?, m.len())));
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match (stamp, cache.as_ref()) {
+        (Some(stamp), Some((cached, scenario))) if *cached == stamp => scenario.clone(),
+        (Some(stamp), _) => {
+            let scenario = load();
+            *cache = Some((stamp, scenario.clone()));
+            scenario
+        }
+        (None, _) => load(),
+    }
 }
 
 /// Runs `f` on the device behind `handle`, mapping "not initialised", "lost" and bad handles.
@@ -173,9 +274,22 @@ pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
     if scenario.gone {
         return ERROR_DRIVER_NOT_LOADED;
     }
+    let mut inits = INITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *inits == 0 {
+        *ENUMERATED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = scenario
+            .devices
+            .iter()
+            .filter_map(|d| d.uuid.clone())
+            .collect();
+    }
     *STATE
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(scenario);
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(visible(scenario));
+    *inits += 1;
     SUCCESS
 }
 
@@ -189,10 +303,19 @@ pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlShutdown() -> NvmlReturn {
     record("nvmlShutdown");
-    STATE
+    let mut inits = INITS
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *inits == 0 {
+        return ERROR_UNINITIALIZED;
+    }
+    *inits -= 1;
+    if *inits == 0 {
+        STATE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
     SUCCESS
 }
 
@@ -219,6 +342,12 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn
     if scenario.gone {
         return ERROR_DRIVER_NOT_LOADED;
     }
+    // A device gone from the list is forgotten until the next enumeration.
+    ENUMERATED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|u| scenario.devices.iter().any(|d| d.uuid.as_ref() == Some(u)));
+    let scenario = visible(scenario);
     let n = scenario.devices.len() as c_uint;
     *state = Some(scenario);
     // SAFETY: forwarded from the caller.
@@ -333,9 +462,10 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     out: *mut Utilization,
 ) -> NvmlReturn {
     with_device("nvmlDeviceGetUtilizationRates", device, |d| {
-        let value = d
-            .utilization_gpu_percent
-            .map(|gpu| Utilization { gpu, memory: 0 });
+        let value = d.utilization_gpu_percent.map(|gpu| Utilization {
+            gpu,
+            memory: d.utilization_memory_percent.unwrap_or(0),
+        });
         // SAFETY: forwarded from the caller.
         unsafe { put(out, value) }
     })
@@ -636,4 +766,378 @@ pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(out: *mut c_int) -> N
     };
     // SAFETY: forwarded from the caller.
     unsafe { put(out, scenario.cuda_driver_version) }
+}
+
+/// `nvmlDeviceGetEncoderUtilization`; the sampling period is a fixed 167 ms, as drivers report.
+///
+/// # Safety
+/// `out` and `period` must be null or point to writable `unsigned int`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetEncoderUtilization(
+    device: Device,
+    out: *mut c_uint,
+    period: *mut c_uint,
+) -> NvmlReturn {
+    with_device("nvmlDeviceGetEncoderUtilization", device, |d| {
+        // SAFETY: forwarded from the caller.
+        unsafe { put_utilization(out, period, d.encoder_utilization_percent) }
+    })
+}
+
+/// `nvmlDeviceGetDecoderUtilization`.
+///
+/// # Safety
+/// `out` and `period` must be null or point to writable `unsigned int`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDecoderUtilization(
+    device: Device,
+    out: *mut c_uint,
+    period: *mut c_uint,
+) -> NvmlReturn {
+    with_device("nvmlDeviceGetDecoderUtilization", device, |d| {
+        // SAFETY: forwarded from the caller.
+        unsafe { put_utilization(out, period, d.decoder_utilization_percent) }
+    })
+}
+
+unsafe fn put_utilization(
+    out: *mut c_uint,
+    period: *mut c_uint,
+    value: Option<c_uint>,
+) -> NvmlReturn {
+    if value.is_some() && period.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: forwarded from the caller; `period` checked non-null when written.
+    unsafe {
+        let code = put(out, value);
+        if code == SUCCESS {
+            period.write(167_000);
+        }
+        code
+    }
+}
+
+macro_rules! pcie_call {
+    ($name:ident, $field:ident) => {
+        #[doc = concat!("`", stringify!($name), "`.")]
+        ///
+        /// # Safety
+        /// `out` must be null or point to a writable `unsigned int`.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(device: Device, out: *mut c_uint) -> NvmlReturn {
+            with_device(stringify!($name), device, |d| {
+                // SAFETY: forwarded from the caller.
+                unsafe { put(out, d.pcie.as_ref().and_then(|p| p.$field)) }
+            })
+        }
+    };
+}
+
+pcie_call!(nvmlDeviceGetCurrPcieLinkGeneration, link_gen_current);
+pcie_call!(nvmlDeviceGetMaxPcieLinkGeneration, link_gen_max);
+pcie_call!(nvmlDeviceGetCurrPcieLinkWidth, link_width_current);
+pcie_call!(nvmlDeviceGetMaxPcieLinkWidth, link_width_max);
+
+/// `nvmlFieldValue_t`.
+#[repr(C)]
+pub struct FieldValue {
+    field_id: c_uint,
+    scope_id: c_uint,
+    timestamp: i64,
+    latency_usec: i64,
+    value_type: c_uint,
+    nvml_return: NvmlReturn,
+    value: u64,
+}
+
+const VALUE_TYPE_UNSIGNED_INT: c_uint = 1;
+const VALUE_TYPE_UNSIGNED_LONG_LONG: c_uint = 3;
+
+/// A field's answer: its NVML value type and value, or NOT_SUPPORTED.
+fn field_value(d: &FakeDevice, field: c_uint) -> Option<(c_uint, u64)> {
+    let ull = |v: Option<c_ulonglong>| v.map(|v| (VALUE_TYPE_UNSIGNED_LONG_LONG, v));
+    let ui = |v: Option<u64>| v.map(|v| (VALUE_TYPE_UNSIGNED_INT, v));
+    let flag = |v: Option<bool>| ui(v.map(u64::from));
+    let ecc = d.ecc.as_ref();
+    let retired = d.retired_pages.as_ref();
+    let remapped = d.remapped_rows.as_ref();
+    match field {
+        3 => ull(ecc.and_then(|e| e.corrected_volatile)),
+        4 => ull(ecc.and_then(|e| e.uncorrected_volatile)),
+        5 => ull(ecc.and_then(|e| e.corrected_aggregate)),
+        6 => ull(ecc.and_then(|e| e.uncorrected_aggregate)),
+        29 => ull(retired.and_then(|r| r.single_bit)),
+        30 => ull(retired.and_then(|r| r.double_bit)),
+        31 => flag(retired.and_then(|r| r.pending)),
+        82 => ui(d.memory_temperature_celsius.map(u64::from)),
+        94 => ull(d.pcie.as_ref().and_then(|p| p.replay_counter)),
+        142 => ui(remapped.and_then(|r| r.correctable)),
+        143 => ui(remapped.and_then(|r| r.uncorrectable)),
+        144 => flag(remapped.and_then(|r| r.pending)),
+        145 => flag(remapped.and_then(|r| r.failure)),
+        _ => None,
+    }
+}
+
+/// `nvmlDeviceGetFieldValues`: each field gets its own return code (NOT_SUPPORTED for what
+/// the device lacks); the call as a whole succeeds.
+///
+/// # Safety
+/// `values` must be null or point to `count` writable `nvmlFieldValue_t`s with `fieldId` set.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
+    device: Device,
+    count: c_int,
+    values: *mut FieldValue,
+) -> NvmlReturn {
+    with_device("nvmlDeviceGetFieldValues", device, |d| {
+        let Ok(count) = usize::try_from(count) else {
+            return ERROR_INVALID_ARGUMENT;
+        };
+        if values.is_null() {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        // SAFETY: the caller's array holds `count` entries.
+        let values = unsafe { std::slice::from_raw_parts_mut(values, count) };
+        for v in values {
+            match field_value(d, v.field_id) {
+                Some((value_type, value)) => {
+                    v.value_type = value_type;
+                    v.value = value;
+                    v.nvml_return = SUCCESS;
+                }
+                None => v.nvml_return = ERROR_NOT_SUPPORTED,
+            }
+        }
+        SUCCESS
+    })
+}
+
+/// `nvmlEventTypeXidCriticalError`.
+const EVENT_XID: c_ulonglong = 0x8;
+
+/// Opaque event-set handle: its number + 1 (never null).
+type EventSet = *mut std::ffi::c_void;
+
+/// Event sets (by number; `None` once freed, each listing the UUIDs registered in it).
+#[derive(Default)]
+struct Events {
+    sets: Vec<Option<Vec<String>>>,
+}
+
+/// How many of each UUID's `xids` were delivered. Kept in a file next to the scenario: the
+/// library is unloaded when its last user shuts down, and an XID, a kernel event, must not
+/// come again with the next load.
+fn delivered_path() -> Option<std::path::PathBuf> {
+    let mut path = std::env::var_os("FAKE_NVML_SCENARIO")?;
+    path.push(".xids-delivered");
+    Some(path.into())
+}
+
+fn read_delivered() -> std::collections::HashMap<String, usize> {
+    delivered_path()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_delivered(delivered: &std::collections::HashMap<String, usize>) {
+    if let Some(path) = delivered_path()
+        && let Ok(text) = serde_json::to_vec(delivered)
+    {
+        let tmp = path.with_extension("tmp-delivered");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(tmp, path);
+        }
+    }
+}
+
+static EVENTS: Mutex<Option<Events>> = Mutex::new(None);
+
+fn events<T>(f: impl FnOnce(&mut Events) -> T) -> T {
+    let mut events = EVENTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(events.get_or_insert_with(Events::default))
+}
+
+/// `nvmlDeviceGetSupportedEventTypes`.
+///
+/// # Safety
+/// `out` must be null or point to a writable `unsigned long long`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    device: Device,
+    out: *mut c_ulonglong,
+) -> NvmlReturn {
+    with_device("nvmlDeviceGetSupportedEventTypes", device, |d| {
+        let types = if d.xid_events.unwrap_or(true) {
+            EVENT_XID
+        } else {
+            0
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { put(out, Some(types)) }
+    })
+}
+
+/// `nvmlEventSetCreate`.
+///
+/// # Safety
+/// `set` must be null or point to a writable handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut EventSet) -> NvmlReturn {
+    record("nvmlEventSetCreate");
+    if STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_none()
+    {
+        return ERROR_UNINITIALIZED;
+    }
+    let number = events(|e| {
+        e.sets.push(Some(Vec::new()));
+        e.sets.len()
+    });
+    // SAFETY: forwarded from the caller.
+    unsafe { put(set, Some(number as EventSet)) }
+}
+
+fn set_index(set: EventSet) -> Option<usize> {
+    (set as usize).checked_sub(1)
+}
+
+/// `nvmlDeviceRegisterEvents`: only XID critical errors are known here.
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: Device,
+    types: c_ulonglong,
+    set: EventSet,
+) -> NvmlReturn {
+    with_device("nvmlDeviceRegisterEvents", device, |d| {
+        if types & !EVENT_XID != 0 || !d.xid_events.unwrap_or(true) {
+            return ERROR_NOT_SUPPORTED;
+        }
+        let Some(uuid) = d.uuid.clone() else {
+            return ERROR_UNKNOWN;
+        };
+        events(|e| match set_index(set).and_then(|i| e.sets.get_mut(i)) {
+            Some(Some(uuids)) => {
+                if !uuids.contains(&uuid) {
+                    uuids.push(uuid);
+                }
+                SUCCESS
+            }
+            _ => ERROR_INVALID_ARGUMENT,
+        })
+    })
+}
+
+/// `nvmlEventData_t`.
+#[repr(C)]
+pub struct EventData {
+    device: Device,
+    event_type: c_ulonglong,
+    event_data: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// The next undelivered XID of a device registered in `set`, with that device's handle now.
+fn next_event(set: EventSet) -> Result<Option<(Device, c_ulonglong)>, NvmlReturn> {
+    if STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_none()
+    {
+        return Err(ERROR_UNINITIALIZED);
+    }
+    let scenario = load_cached();
+    if scenario.gone {
+        return Err(ERROR_UNKNOWN);
+    }
+    let scenario = visible(scenario);
+    events(|e| {
+        let Some(Some(uuids)) = set_index(set).and_then(|i| e.sets.get(i)) else {
+            return Err(ERROR_INVALID_ARGUMENT);
+        };
+        let mut delivered = None;
+        for uuid in uuids {
+            let found = scenario
+                .devices
+                .iter()
+                .enumerate()
+                .find(|(_, d)| d.uuid.as_deref() == Some(uuid));
+            let Some((index, device)) = found else {
+                continue;
+            };
+            if device.xids.is_empty() {
+                continue;
+            }
+            let delivered = delivered.get_or_insert_with(read_delivered);
+            let count = delivered.get(uuid).copied().unwrap_or(0);
+            if let Some(&xid) = device.xids.get(count) {
+                delivered.insert(uuid.clone(), count + 1);
+                write_delivered(delivered);
+                return Ok(Some(((index + 1) as Device, xid)));
+            }
+        }
+        Ok(None)
+    })
+}
+
+/// `nvmlEventSetWait_v2`: the next XID, or NVML_ERROR_TIMEOUT after `timeout_ms`.
+///
+/// # Safety
+/// `data` must be null or point to a writable `nvmlEventData_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: EventSet,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> NvmlReturn {
+    record("nvmlEventSetWait_v2");
+    if data.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(u64::from(timeout_ms));
+    loop {
+        match next_event(set) {
+            Err(code) => return code,
+            Ok(Some((device, xid))) => {
+                // SAFETY: non-null (checked) pointer to the caller's nvmlEventData_t.
+                unsafe {
+                    data.write(EventData {
+                        device,
+                        event_type: EVENT_XID,
+                        event_data: xid,
+                        gpu_instance_id: c_uint::MAX,
+                        compute_instance_id: c_uint::MAX,
+                    });
+                }
+                return SUCCESS;
+            }
+            Ok(None) => {}
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return ERROR_TIMEOUT;
+        }
+        std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
+    }
+}
+
+/// `nvmlEventSetFree`.
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlEventSetFree(set: EventSet) -> NvmlReturn {
+    record("nvmlEventSetFree");
+    events(|e| match set_index(set).and_then(|i| e.sets.get_mut(i)) {
+        Some(slot @ Some(_)) => {
+            *slot = None;
+            SUCCESS
+        }
+        _ => ERROR_INVALID_ARGUMENT,
+    })
 }

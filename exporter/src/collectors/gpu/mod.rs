@@ -1,6 +1,9 @@
 //! `gpu`: NVIDIA GPUs through NVML — utilization, memory, temperature, power, energy, clocks,
 //! fans, clock-event (throttle) reasons, and per-process memory with the process's name,
-//! container and inference service, from which `gpu_host_workload_active` is derived.
+//! container and inference service, from which `gpu_host_workload_active` is derived; and
+//! health: whether each GPU seen still answers (`gpu_up`), XID errors from NVML's event thread,
+//! ECC counters, retired pages, remapped rows, the PCIe link and its replays, memory
+//! temperature, encoder and decoder load ([`health`]).
 //!
 //! The collector talks to a [`GpuSource`]; [`nvml::NvmlSource`] is the real one, loading
 //! `libnvidia-ml.so.1` at run time. Without the library or a GPU the exporter runs on:
@@ -10,6 +13,7 @@
 //! failing field never drops the others.
 
 pub mod attribution;
+pub mod health;
 pub mod nvml;
 
 use std::collections::BTreeMap;
@@ -23,6 +27,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use serde::Deserialize;
 
 use self::attribution::{Attribution, ContainerRef, IdentityCache};
+use self::health::{GpuHealth, HealthSnapshot, XidLog, encode_health};
 use super::docker::DockerSample;
 use super::services::known_image;
 use super::{Collector, CollectorError, EncodeSample, Latest, Snapshot, blocking};
@@ -57,6 +62,9 @@ pub struct DeviceReading {
     pub memory_used_bytes: Option<u64>,
     /// Total framebuffer memory.
     pub memory_total_bytes: Option<u64>,
+    /// Free framebuffer memory: total less used and less what the driver reserves.
+    #[serde(default)]
+    pub memory_free_bytes: Option<u64>,
     /// Core temperature.
     pub temperature_gpu_celsius: Option<u32>,
     /// Power draw.
@@ -76,6 +84,89 @@ pub struct DeviceReading {
     /// Compute and graphics processes.
     #[serde(default)]
     pub processes: Vec<ProcessReading>,
+    /// Share of the last sample period in which memory was read or written, percent.
+    pub utilization_memory_percent: Option<u32>,
+    /// Video encoder load, percent.
+    pub encoder_utilization_percent: Option<u32>,
+    /// Video decoder load, percent.
+    pub decoder_utilization_percent: Option<u32>,
+    /// HBM temperature (data-center parts; `NVML_FI_DEV_MEMORY_TEMP`).
+    pub memory_temperature_celsius: Option<u32>,
+    /// The PCIe link.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub pcie: PcieReading,
+    /// ECC error counters (ECC-capable parts with ECC on).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ecc: EccReading,
+    /// Dynamic page retirement (Kepler to Volta data-center parts).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub retired_pages: RetiredPagesReading,
+    /// Row remapping (Ampere and newer data-center parts).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remapped_rows: RemappedRowsReading,
+}
+
+/// `null` in a recorded fixture is "the whole section is not supported".
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// The PCIe link: generation and lanes now and at most (what the GPU and its slot allow
+/// together), and the link-level replays since the driver loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct PcieReading {
+    /// Generation now (idle GPUs drop to a lower one to save power).
+    pub link_gen_current: Option<u32>,
+    /// Highest generation the GPU and the system support together.
+    pub link_gen_max: Option<u32>,
+    /// Lanes now.
+    pub link_width_current: Option<u32>,
+    /// Most lanes the GPU and the system support together.
+    pub link_width_max: Option<u32>,
+    /// Replays (retransmissions) since the driver loaded.
+    pub replay_counter: Option<u64>,
+}
+
+/// ECC errors, corrected (single-bit) and uncorrected (double-bit), since the driver loaded
+/// (volatile) and over the GPU's life (aggregate).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct EccReading {
+    /// Corrected since the driver loaded.
+    pub corrected_volatile: Option<u64>,
+    /// Uncorrected since the driver loaded.
+    pub uncorrected_volatile: Option<u64>,
+    /// Corrected, lifetime.
+    pub corrected_aggregate: Option<u64>,
+    /// Uncorrected, lifetime.
+    pub uncorrected_aggregate: Option<u64>,
+}
+
+/// Pages retired for memory errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct RetiredPagesReading {
+    /// Retired for repeated single-bit errors.
+    pub single_bit: Option<u64>,
+    /// Retired for a double-bit error.
+    pub double_bit: Option<u64>,
+    /// Pages waiting for a reboot to be retired.
+    pub pending: Option<bool>,
+}
+
+/// Rows remapped to spares for memory errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct RemappedRowsReading {
+    /// Remapped for correctable errors.
+    pub correctable: Option<u64>,
+    /// Remapped for uncorrectable errors.
+    pub uncorrectable: Option<u64>,
+    /// A remap waits for the next GPU reset.
+    pub pending: Option<bool>,
+    /// A remap failed: the GPU has no spare row left (replace it).
+    pub failure: Option<bool>,
 }
 
 /// Current clocks in MHz.
@@ -135,6 +226,9 @@ pub trait GpuSource: Send + 'static {
 
     /// Drops any library handle; the next read initialises again.
     fn reset(&mut self);
+
+    /// Where to count XID errors, for a source that can watch for them (NVML's event sets).
+    fn watch_xids(&mut self, _log: Arc<XidLog>) {}
 }
 
 /// NVML clock-event reason bits and their `reason` label.
@@ -213,6 +307,8 @@ pub struct GpuSample {
     pub cuda_version: String,
     /// Every GPU that answered.
     pub devices: Vec<GpuDevice>,
+    /// Every GPU seen since start (those that no longer answer too), and their XIDs.
+    pub health: HealthSnapshot,
 }
 
 impl GpuSample {
@@ -222,8 +318,16 @@ impl GpuSample {
     }
 
     /// Every GPU's host-workload state, as `GET /api/v1/gpu` lists it: the processes' names
-    /// each once, in NVML's order.
+    /// each once, in NVML's order; then the GPUs seen before that no longer answer.
     pub fn states(&self) -> Vec<GpuState> {
+        let lost = self.health.lost().map(|g| GpuState {
+            gpu: g.index,
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            host_workload_active: false,
+            host_workload_processes: Vec::new(),
+            up: false,
+        });
         self.devices
             .iter()
             .map(|d| {
@@ -239,8 +343,10 @@ impl GpuSample {
                     name: d.reading.name.clone(),
                     host_workload_active: d.host_workload_active(),
                     host_workload_processes: names,
+                    up: true,
                 }
             })
+            .chain(lost)
             .collect()
     }
 }
@@ -289,6 +395,22 @@ struct ClockLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LinkLabel {
+    link: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EccLabels {
+    r#type: &'static str,
+    scope: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -400,6 +522,13 @@ impl EncodeSample for GpuSample {
         )?;
         gauge_family(
             encoder,
+            "gpu_memory_free",
+            "GPU memory free for allocations: installed less used and less what the driver reserves.",
+            Some("bytes"),
+            per_gpu(&|d| d.reading.memory_free_bytes.map(|b| b as f64)),
+        )?;
+        gauge_family(
+            encoder,
             "gpu_memory_total",
             "GPU memory installed.",
             Some("bytes"),
@@ -502,11 +631,182 @@ impl EncodeSample for GpuSample {
             "1 when a GPU process that is no configured inference service (a game, say) holds memory.",
             None,
             per_gpu(&|d| Some(if d.host_workload_active() { 1.0 } else { 0.0 })),
-        )
+        )?;
+        self.encode_health_fields(encoder)?;
+        encode_health(encoder, &self.health)
     }
 
     fn encode_missing(encoder: &mut DescriptorEncoder) -> fmt::Result {
         gauge(encoder, "nvml_up", NVML_UP_HELP, None, 0.0)
+    }
+}
+
+/// A value and the label that tells it from its sibling (`current`/`max`, a cause).
+type LabelledValue = (&'static str, Option<f64>);
+
+/// Percent to a 0..1 ratio.
+fn ratio(percent: Option<u32>) -> Option<f64> {
+    percent.map(|p| (f64::from(p) / 100.0).clamp(0.0, 1.0))
+}
+
+fn flag(value: Option<bool>) -> Option<f64> {
+    value.map(|v| if v { 1.0 } else { 0.0 })
+}
+
+impl GpuSample {
+    /// The per-sample health fields: memory and video engines' load, memory temperature,
+    /// the PCIe link, ECC, retired pages and remapped rows. Absent where unsupported.
+    fn encode_health_fields(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let devices = &self.devices;
+        let per_gpu = |f: &dyn Fn(&DeviceReading) -> Option<f64>| {
+            devices
+                .iter()
+                .filter_map(move |d| f(&d.reading).map(|v| (d.labels(), v)))
+                .collect::<Vec<_>>()
+        };
+        let labelled = |f: &dyn Fn(&DeviceReading) -> [LabelledValue; 2]| {
+            devices
+                .iter()
+                .flat_map(|d| {
+                    f(&d.reading)
+                        .into_iter()
+                        .filter_map(move |(label, v)| Some((d.labels(), label, v?)))
+                })
+                .collect::<Vec<_>>()
+        };
+        let u64f = |v: Option<u64>| v.map(|v| v as f64);
+        let u32f = |v: Option<u32>| v.map(f64::from);
+        gauge_family(
+            encoder,
+            "gpu_memory_utilization",
+            "Share of the last sample period in which GPU memory was read or written, 0..1.",
+            Some("ratio"),
+            per_gpu(&|r| ratio(r.utilization_memory_percent)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_encoder_utilization",
+            "Video encoder (NVENC) load, 0..1.",
+            Some("ratio"),
+            per_gpu(&|r| ratio(r.encoder_utilization_percent)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_decoder_utilization",
+            "Video decoder (NVDEC) load, 0..1.",
+            Some("ratio"),
+            per_gpu(&|r| ratio(r.decoder_utilization_percent)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_memory_temperature",
+            "GPU memory (HBM) temperature; data-center parts only.",
+            Some("celsius"),
+            per_gpu(&|r| u32f(r.memory_temperature_celsius)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_pcie_link_generation",
+            "PCIe generation of the GPU's link: now (idle GPUs drop to a lower one) and the most the GPU and its slot support together.",
+            None,
+            labelled(&|r| {
+                [
+                    ("current", u32f(r.pcie.link_gen_current)),
+                    ("max", u32f(r.pcie.link_gen_max)),
+                ]
+            })
+            .into_iter()
+            .map(|(gpu, link, v)| ((gpu, LinkLabel { link }), v)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_pcie_link_width",
+            "PCIe lanes of the GPU's link: now and the most the GPU and its slot support together.",
+            None,
+            labelled(&|r| {
+                [
+                    ("current", u32f(r.pcie.link_width_current)),
+                    ("max", u32f(r.pcie.link_width_max)),
+                ]
+            })
+            .into_iter()
+            .map(|(gpu, link, v)| ((gpu, LinkLabel { link }), v)),
+        )?;
+        counter_family(
+            encoder,
+            "gpu_pcie_replays",
+            "PCIe replays (link-level retransmissions) since the driver loaded.",
+            None,
+            per_gpu(&|r| u64f(r.pcie.replay_counter)),
+        )?;
+        counter_family(
+            encoder,
+            "gpu_ecc_errors",
+            "ECC memory errors: corrected (single-bit) or uncorrected (double-bit), since the driver loaded (volatile) or over the GPU's life (aggregate). ECC-capable parts with ECC on only.",
+            None,
+            devices.iter().flat_map(|d| {
+                let e = d.reading.ecc;
+                [
+                    ("corrected", "volatile", e.corrected_volatile),
+                    ("uncorrected", "volatile", e.uncorrected_volatile),
+                    ("corrected", "aggregate", e.corrected_aggregate),
+                    ("uncorrected", "aggregate", e.uncorrected_aggregate),
+                ]
+                .into_iter()
+                .filter_map(move |(r#type, scope, n)| {
+                    Some(((d.labels(), EccLabels { r#type, scope }), n? as f64))
+                })
+            }),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_retired_pages",
+            "Memory pages retired for repeated single-bit or for double-bit ECC errors (Kepler to Volta data-center parts).",
+            None,
+            labelled(&|r| {
+                [
+                    ("single_bit_ecc", u64f(r.retired_pages.single_bit)),
+                    ("double_bit_ecc", u64f(r.retired_pages.double_bit)),
+                ]
+            })
+            .into_iter()
+            .map(|(gpu, cause, v)| ((gpu, CauseLabel { cause }), v)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_retired_pages_pending",
+            "1 when retired pages wait for a reboot to take effect.",
+            None,
+            per_gpu(&|r| flag(r.retired_pages.pending)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_remapped_rows",
+            "Memory rows remapped to spares for correctable or uncorrectable errors (Ampere and newer data-center parts).",
+            None,
+            labelled(&|r| {
+                [
+                    ("correctable", u64f(r.remapped_rows.correctable)),
+                    ("uncorrectable", u64f(r.remapped_rows.uncorrectable)),
+                ]
+            })
+            .into_iter()
+            .map(|(gpu, cause, v)| ((gpu, CauseLabel { cause }), v)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_remapped_rows_pending",
+            "1 when a row remap waits for the next GPU reset.",
+            None,
+            per_gpu(&|r| flag(r.remapped_rows.pending)),
+        )?;
+        gauge_family(
+            encoder,
+            "gpu_remapped_rows_failure",
+            "1 when a row remap failed: no spare rows left; the GPU needs replacing.",
+            None,
+            per_gpu(&|r| flag(r.remapped_rows.failure)),
+        )
     }
 }
 
@@ -543,6 +843,13 @@ struct Inner {
     identities: IdentityCache,
 }
 
+impl GpuCollector {
+    /// The GPUs seen and their XIDs, for what /metrics shows while NVML is down.
+    pub fn health(&self) -> Arc<GpuHealth> {
+        self.health.clone()
+    }
+}
+
 /// Samples the GPUs through a [`GpuSource`] and attributes their processes.
 pub struct GpuCollector {
     inner: Arc<Mutex<Inner>>,
@@ -555,6 +862,8 @@ pub struct GpuCollector {
     containers: Option<Latest<DockerSample>>,
     /// Whether `discovery.docker` is on.
     discovery: bool,
+    /// The GPUs seen since start, and their XID errors.
+    health: Arc<GpuHealth>,
 }
 
 impl fmt::Debug for GpuCollector {
@@ -568,8 +877,11 @@ impl fmt::Debug for GpuCollector {
 
 impl GpuCollector {
     /// Reads GPUs from `source`; process names and containers from `procfs`.
-    pub fn new(source: Box<dyn GpuSource>, procfs: PathBuf, attribution: Attribution) -> Self {
+    pub fn new(mut source: Box<dyn GpuSource>, procfs: PathBuf, attribution: Attribution) -> Self {
+        let health = Arc::new(GpuHealth::default());
+        source.watch_xids(health.xid_log());
         Self {
+            health,
             inner: Arc::new(Mutex::new(Inner {
                 source,
                 identities: IdentityCache::default(),
@@ -677,6 +989,7 @@ pub fn attribute_reading(
             .map(cuda_version_string)
             .unwrap_or_default(),
         devices,
+        health: HealthSnapshot::default(),
     }
 }
 
@@ -710,9 +1023,14 @@ impl Collector for GpuCollector {
         })
         .await?;
         match result {
-            Ok(sample) => {
+            Ok(mut sample) => {
                 self.backoff.succeeded();
                 self.note_up(true, "");
+                self.health.observe(sample.devices.iter().map(|d| {
+                    let r = &d.reading;
+                    (r.index, r.uuid.as_str(), r.name.as_str())
+                }));
+                sample.health = self.health.snapshot();
                 Ok(sample)
             }
             Err(GpuError::Unavailable(reason)) => {
@@ -727,6 +1045,7 @@ impl Collector for GpuCollector {
                     Ok(())
                 })
                 .await?;
+                self.health.all_down();
                 let delay = self.backoff.failed(now);
                 self.note_up(false, &reason);
                 Err(CollectorError::NoData(format!(

@@ -5,23 +5,47 @@
 //! a device whose handle or identity cannot be read, or that reports GPU_IS_LOST, is left out
 //! of the reading. Errors meaning the library itself is gone (uninitialised, driver not loaded,
 //! library/driver version mismatch) fail the whole read, so the collector re-initialises.
+//!
+//! Hot-plug: NVML enumerates GPUs when it initialises, so a GPU that comes back (an eGPU
+//! plugged in again, a GPU recovered by a reset) is only seen after a new `nvmlInit`. While a
+//! GPU seen before is missing or lost, the source re-initialises every 5 s, then less often,
+//! up to every 60 s.
+//!
+//! XID errors arrive through an NVML event set, on a thread of their own ([`XidWatcher`])
+//! that shares the source's library handle and is started and stopped with it: it never
+//! holds up a read or a scrape.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
-use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::{Device, Nvml};
 
+use super::health::XidLog;
 use super::{
-    ClockReadings, DeviceReading, GpuError, GpuReading, GpuSource, ProcessKind, ProcessReading,
+    ClockReadings, DeviceReading, EccReading, GpuError, GpuReading, GpuSource, PcieReading,
+    ProcessKind, ProcessReading, RemappedRowsReading, RetiredPagesReading,
 };
 
 /// NVML, initialised on first use.
 pub struct NvmlSource {
     library: String,
-    nvml: Option<Nvml>,
+    nvml: Option<Arc<Nvml>>,
+    /// Every GPU UUID read since start, to notice one missing.
+    seen: BTreeSet<String>,
+    /// When to re-initialise to look for a missing GPU again, and the delay after that.
+    rescan: Option<(Instant, Duration)>,
+    xids: Option<Arc<XidLog>>,
+    watcher: Option<XidWatcher>,
 }
 
 impl std::fmt::Debug for NvmlSource {
@@ -29,7 +53,8 @@ impl std::fmt::Debug for NvmlSource {
         f.debug_struct("NvmlSource")
             .field("library", &self.library)
             .field("initialised", &self.nvml.is_some())
-            .finish()
+            .field("rescan", &self.rescan)
+            .finish_non_exhaustive()
     }
 }
 
@@ -39,6 +64,56 @@ impl NvmlSource {
         Self {
             library: library.into(),
             nvml: None,
+            seen: BTreeSet::new(),
+            rescan: None,
+            xids: None,
+            watcher: None,
+        }
+    }
+
+    const RESCAN_FIRST: Duration = Duration::from_secs(5);
+    const RESCAN_MAX: Duration = Duration::from_secs(60);
+
+    /// After a read that found `present` and `lost` devices: schedule a re-initialisation
+    /// while a GPU seen before is missing, or a device is lost.
+    fn note_devices(&mut self, now: Instant, present: &BTreeSet<String>, lost: usize) {
+        self.seen.extend(present.iter().cloned());
+        let missing = lost > 0 || self.seen.len() > present.len();
+        self.rescan = match (missing, self.rescan) {
+            (false, _) => None,
+            (true, None) => Some((now + Self::RESCAN_FIRST, Self::RESCAN_FIRST)),
+            (true, pending) => pending,
+        };
+    }
+
+    /// Whether a scheduled re-initialisation is due; schedules the next one.
+    fn rescan_due(&mut self, now: Instant) -> bool {
+        match self.rescan {
+            Some((at, delay)) if now >= at => {
+                let next = (delay * 2).min(Self::RESCAN_MAX);
+                self.rescan = Some((now + next, next));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stops the XID watcher and drops the library handle (the last user's drop shuts NVML
+    /// down).
+    fn release(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop();
+        }
+        if let Some(nvml) = self.nvml.take() {
+            match Arc::try_unwrap(nvml) {
+                Ok(nvml) => {
+                    if let Err(err) = nvml.shutdown() {
+                        tracing::debug!(collector = "gpu", error = %err, "nvmlShutdown failed");
+                    }
+                }
+                // A watcher stuck in the driver still holds it; it shuts NVML down when it ends.
+                Err(_) => tracing::debug!(collector = "gpu", "NVML still held by the XID watcher"),
+            }
         }
     }
 }
@@ -109,6 +184,8 @@ fn read_device(
         .ok()?;
     let mut f = Fields { index, fatal };
     let memory = f.get("memory_info", device.memory_info());
+    let utilization = f.get("utilization", device.utilization_rates());
+    let fields = HealthFields::read(&mut f, device);
     let fans = f.get("num_fans", device.num_fans()).unwrap_or(0);
     let fan_speeds_percent = (0..fans)
         .filter_map(|fan| f.get("fan_speed", device.fan_speed(fan)))
@@ -125,11 +202,10 @@ fn read_device(
         name,
         uuid,
         pci_bus_id: f.get("pci_info", device.pci_info()).map(|p| p.bus_id),
-        utilization_gpu_percent: f
-            .get("utilization", device.utilization_rates())
-            .map(|u| u.gpu),
+        utilization_gpu_percent: utilization.as_ref().map(|u| u.gpu),
         memory_used_bytes: memory.as_ref().map(|m| m.used),
         memory_total_bytes: memory.as_ref().map(|m| m.total),
+        memory_free_bytes: memory.as_ref().map(|m| m.free),
         temperature_gpu_celsius: f.get("temperature", device.temperature(TemperatureSensor::Gpu)),
         power_usage_milliwatts: f.get("power_usage", device.power_usage()),
         enforced_power_limit_milliwatts: f.get("power_limit", device.enforced_power_limit()),
@@ -144,7 +220,117 @@ fn read_device(
             .get("clocks_event_reasons", device.current_throttle_reasons())
             .map(|r| r.bits()),
         processes: process_list,
+        utilization_memory_percent: utilization.as_ref().map(|u| u.memory),
+        encoder_utilization_percent: f
+            .get("encoder_utilization", device.encoder_utilization())
+            .map(|u| u.utilization),
+        decoder_utilization_percent: f
+            .get("decoder_utilization", device.decoder_utilization())
+            .map(|u| u.utilization),
+        memory_temperature_celsius: fields.u32(MEMORY_TEMP),
+        pcie: PcieReading {
+            link_gen_current: f.get("pcie_gen", device.current_pcie_link_gen()),
+            link_gen_max: f.get("pcie_gen_max", device.max_pcie_link_gen()),
+            link_width_current: f.get("pcie_width", device.current_pcie_link_width()),
+            link_width_max: f.get("pcie_width_max", device.max_pcie_link_width()),
+            replay_counter: fields.u64(PCIE_REPLAY_COUNTER),
+        },
+        ecc: EccReading {
+            corrected_volatile: fields.u64(ECC_SBE_VOL_TOTAL),
+            uncorrected_volatile: fields.u64(ECC_DBE_VOL_TOTAL),
+            corrected_aggregate: fields.u64(ECC_SBE_AGG_TOTAL),
+            uncorrected_aggregate: fields.u64(ECC_DBE_AGG_TOTAL),
+        },
+        retired_pages: RetiredPagesReading {
+            single_bit: fields.u64(RETIRED_SBE),
+            double_bit: fields.u64(RETIRED_DBE),
+            pending: fields.flag(RETIRED_PENDING),
+        },
+        remapped_rows: RemappedRowsReading {
+            correctable: fields.u64(REMAPPED_COR),
+            uncorrectable: fields.u64(REMAPPED_UNC),
+            pending: fields.flag(REMAPPED_PENDING),
+            failure: fields.flag(REMAPPED_FAILURE),
+        },
     })
+}
+
+// NVML field ids (nvml.h `NVML_FI_DEV_*`), read in one nvmlDeviceGetFieldValues call.
+const ECC_SBE_VOL_TOTAL: u32 = 3;
+const ECC_DBE_VOL_TOTAL: u32 = 4;
+const ECC_SBE_AGG_TOTAL: u32 = 5;
+const ECC_DBE_AGG_TOTAL: u32 = 6;
+const RETIRED_SBE: u32 = 29;
+const RETIRED_DBE: u32 = 30;
+const RETIRED_PENDING: u32 = 31;
+const MEMORY_TEMP: u32 = 82;
+const PCIE_REPLAY_COUNTER: u32 = 94;
+const REMAPPED_COR: u32 = 142;
+const REMAPPED_UNC: u32 = 143;
+const REMAPPED_PENDING: u32 = 144;
+const REMAPPED_FAILURE: u32 = 145;
+
+const HEALTH_FIELDS: [u32; 13] = [
+    ECC_SBE_VOL_TOTAL,
+    ECC_DBE_VOL_TOTAL,
+    ECC_SBE_AGG_TOTAL,
+    ECC_DBE_AGG_TOTAL,
+    RETIRED_SBE,
+    RETIRED_DBE,
+    RETIRED_PENDING,
+    MEMORY_TEMP,
+    PCIE_REPLAY_COUNTER,
+    REMAPPED_COR,
+    REMAPPED_UNC,
+    REMAPPED_PENDING,
+    REMAPPED_FAILURE,
+];
+
+/// The health fields of one device, from one field-values call; a field the device does
+/// not support (most of them on consumer cards) is absent.
+struct HealthFields(Vec<(u32, SampleValue)>);
+
+impl HealthFields {
+    fn read(f: &mut Fields<'_>, device: &Device<'_>) -> Self {
+        let ids = HEALTH_FIELDS.map(FieldId);
+        let values = f
+            .get("field_values", device.field_values_for(&ids))
+            .unwrap_or_default();
+        // In request order: the answer's own field id may be the driver's renumbering.
+        Self(
+            HEALTH_FIELDS
+                .iter()
+                .zip(values)
+                .filter_map(|(&id, sample)| match sample.map(|s| s.value) {
+                    Ok(Ok(value)) => Some((id, value)),
+                    Ok(Err(err)) | Err(err) => {
+                        if !matches!(err, NvmlError::NotSupported) {
+                            tracing::debug!(collector = "gpu", gpu = f.index, field = id, error = %err, "field unavailable");
+                        }
+                        None
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn u64(&self, id: u32) -> Option<u64> {
+        let value = self.0.iter().find(|(i, _)| *i == id)?;
+        match value.1 {
+            SampleValue::U32(v) => Some(u64::from(v)),
+            SampleValue::U64(v) => Some(v),
+            SampleValue::I64(v) => u64::try_from(v).ok(),
+            SampleValue::F64(v) => (v.is_finite() && v >= 0.0).then_some(v as u64),
+        }
+    }
+
+    fn u32(&self, id: u32) -> Option<u32> {
+        self.u64(id).and_then(|v| u32::try_from(v).ok())
+    }
+
+    fn flag(&self, id: u32) -> Option<bool> {
+        self.u64(id).map(|v| v != 0)
+    }
 }
 
 fn fatal_or_skip(index: u32, field: &str, err: NvmlError, fatal: &mut Option<NvmlError>) {
@@ -157,25 +343,51 @@ fn fatal_or_skip(index: u32, field: &str, err: NvmlError, fatal: &mut Option<Nvm
 
 impl GpuSource for NvmlSource {
     fn read(&mut self) -> Result<GpuReading, GpuError> {
+        let now = Instant::now();
+        if self.nvml.is_some() && self.rescan_due(now) {
+            tracing::debug!(
+                collector = "gpu",
+                "a GPU seen before is missing: re-initialising NVML to look for it"
+            );
+            self.release();
+        }
         let nvml = match self.nvml.take() {
             Some(nvml) => nvml,
-            None => Nvml::builder()
-                .lib_path(OsStr::new(&self.library))
-                .init()
-                .map_err(unavailable)?,
+            None => {
+                let nvml = Nvml::builder()
+                    .lib_path(OsStr::new(&self.library))
+                    .init()
+                    .map_err(unavailable)?;
+                Arc::new(nvml)
+            }
         };
-        let nvml = &*self.nvml.insert(nvml);
+        let nvml = self.nvml.insert(nvml).clone();
         let count = nvml.device_count().map_err(unavailable)?;
         let mut fatal = None;
+        let mut lost = 0;
         let mut devices = Vec::with_capacity(count as usize);
         for index in 0..count {
-            match nvml.device_by_index(index) {
-                Ok(device) => devices.extend(read_device(index, &device, &mut fatal)),
-                Err(err) => fatal_or_skip(index, "handle", err, &mut fatal),
+            let device = match nvml.device_by_index(index) {
+                Ok(device) => read_device(index, &device, &mut fatal),
+                Err(err) => {
+                    fatal_or_skip(index, "handle", err, &mut fatal);
+                    None
+                }
+            };
+            match device {
+                Some(device) => devices.push(device),
+                None => lost += 1,
             }
         }
         if let Some(err) = fatal {
             return Err(unavailable(err));
+        }
+        let present: BTreeSet<String> = devices.iter().map(|d| d.uuid.clone()).collect();
+        self.note_devices(now, &present, lost);
+        if let Some(log) = &self.xids
+            && self.watcher.as_ref().is_none_or(XidWatcher::ended)
+        {
+            self.watcher = Some(XidWatcher::start(nvml.clone(), log.clone(), &present));
         }
         let mut f = Fields {
             index: u32::MAX,
@@ -189,10 +401,160 @@ impl GpuSource for NvmlSource {
     }
 
     fn reset(&mut self) {
-        if let Some(nvml) = self.nvml.take()
-            && let Err(err) = nvml.shutdown()
-        {
-            tracing::debug!(collector = "gpu", error = %err, "nvmlShutdown failed");
+        self.release();
+    }
+
+    fn watch_xids(&mut self, log: Arc<XidLog>) {
+        self.xids = Some(log);
+    }
+}
+
+/// How long one event wait lasts: the most a stop waits for the thread.
+const XID_WAIT_MS: u32 = 500;
+
+/// The thread that waits for XID errors on an NVML event set holding every GPU that supports
+/// them, and counts each in the [`XidLog`]. It ends when told to, when the set fails (a GPU
+/// lost, the driver gone) — the source starts a new one with its next handle — or when the
+/// library goes away.
+#[derive(Debug)]
+pub struct XidWatcher {
+    stop: Arc<AtomicBool>,
+    done: mpsc::Receiver<()>,
+    ended: Arc<AtomicBool>,
+}
+
+impl XidWatcher {
+    /// Registers the GPUs with UUIDs in `gpus` for XID events and starts waiting.
+    pub fn start(nvml: Arc<Nvml>, log: Arc<XidLog>, gpus: &BTreeSet<String>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
+        let (tx, done) = mpsc::channel();
+        let gpus = gpus.clone();
+        let (stop_in, ended_in) = (stop.clone(), ended.clone());
+        let spawned = std::thread::Builder::new()
+            .name("xid-events".into())
+            .spawn(move || {
+                watch(&nvml, &log, &gpus, &stop_in);
+                ended_in.store(true, Ordering::Release);
+                drop(nvml);
+                let _ = tx.send(());
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(collector = "gpu", error = %err, "cannot start the XID event thread");
+            ended.store(true, Ordering::Release);
+        }
+        Self { stop, done, ended }
+    }
+
+    /// Whether the thread has ended (on its own or told to).
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Tells the thread to end and waits a little for it (it checks between waits), so the
+    /// library handle it holds is released before NVML is shut down and initialised again.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let patience = Duration::from_millis(u64::from(XID_WAIT_MS) * 4);
+        if !self.ended() && self.done.recv_timeout(patience).is_err() {
+            tracing::warn!(
+                collector = "gpu",
+                "the XID event thread is stuck in the driver; leaving it"
+            );
         }
     }
+}
+
+fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) {
+    let Some((set, watched)) = register(nvml, gpus) else {
+        return;
+    };
+    for uuid in &watched {
+        log.watching(uuid);
+    }
+    tracing::debug!(
+        collector = "gpu",
+        gpus = watched.len(),
+        "watching for XID errors"
+    );
+    while !stop.load(Ordering::Acquire) {
+        match set.wait(XID_WAIT_MS) {
+            Ok(event) => {
+                let Some(XidError::Value(xid)) = event.event_data else {
+                    continue;
+                };
+                // An event NVML cannot tie to one GPU counts on every watched GPU.
+                match event.device.uuid() {
+                    Ok(uuid) if watched.contains(&uuid) => {
+                        tracing::warn!(collector = "gpu", %uuid, xid, "XID error");
+                        log.record(&uuid, xid);
+                    }
+                    _ => {
+                        tracing::warn!(
+                            collector = "gpu",
+                            xid,
+                            "XID error on an unknown GPU: counted on every GPU"
+                        );
+                        for uuid in &watched {
+                            log.record(uuid, xid);
+                        }
+                    }
+                }
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(err) => {
+                tracing::debug!(collector = "gpu", error = %err, "XID event wait failed; the next read starts a new watch");
+                return;
+            }
+        }
+    }
+}
+
+/// An event set with every GPU in `gpus` that supports XID events, and their UUIDs; `None`
+/// when none does or the set cannot be made. A registration that fails frees the whole set
+/// (NVML's rule), so support is checked first.
+fn register<'n>(
+    nvml: &'n Nvml,
+    gpus: &BTreeSet<String>,
+) -> Option<(nvml_wrapper::EventSet<'n>, BTreeSet<String>)> {
+    let count = nvml.device_count().ok()?;
+    let mut set = None;
+    let mut watched = BTreeSet::new();
+    for index in 0..count {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        let Ok(uuid) = device.uuid() else {
+            continue;
+        };
+        let supported = device
+            .supported_event_types()
+            .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+        if !gpus.contains(&uuid) || !supported {
+            continue;
+        }
+        let current = match set.take() {
+            Some(set) => set,
+            None => match nvml.create_event_set() {
+                Ok(set) => set,
+                Err(err) => {
+                    tracing::debug!(collector = "gpu", error = %err, "cannot create an NVML event set");
+                    return None;
+                }
+            },
+        };
+        match device.register_events(EventTypes::CRITICAL_XID_ERROR, current) {
+            Ok(registered) => {
+                set = Some(registered);
+                watched.insert(uuid);
+            }
+            Err(err) => {
+                // The set is gone with the failure: start over without this GPU.
+                tracing::debug!(collector = "gpu", %uuid, error = %err.error, "XID events unavailable");
+                let rest: BTreeSet<String> = gpus.iter().filter(|g| **g != uuid).cloned().collect();
+                return register(nvml, &rest);
+            }
+        }
+    }
+    Some((set?, watched))
 }

@@ -294,7 +294,7 @@ async fn nvml_going_away_backs_off_reports_down_and_comes_back() {
 }
 
 #[tokio::test]
-async fn a_device_lost_mid_sample_leaves_the_others() {
+async fn a_device_lost_mid_sample_leaves_the_others_and_reads_down() {
     let mut two = fixture("l40s.json");
     let mut second = two.devices[0].clone();
     second.index = 1;
@@ -314,8 +314,15 @@ async fn a_device_lost_mid_sample_leaves_the_others() {
     );
     let after = h.collector.sample(Instant::now()).await.unwrap();
     assert_eq!(after.devices.len(), 1);
+    assert_eq!(after.health.lost().count(), 1);
     let text = encode(Some(after));
-    assert!(!text.contains(r#"gpu="0""#), "{text}");
+    // Of the lost GPU only `gpu_up 0` is left: no stale readings.
+    let lost: Vec<&str> = text.lines().filter(|l| l.contains(r#"gpu="0""#)).collect();
+    assert_eq!(lost.len(), 1, "{text}");
+    assert!(
+        lost[0].starts_with("aistack_gpu_up{") && lost[0].ends_with(" 0.0"),
+        "{text}"
+    );
     assert!(text.contains(r#"gpu="1""#), "{text}");
 }
 
