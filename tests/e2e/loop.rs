@@ -111,6 +111,21 @@ impl Host {
     }
 }
 
+impl Host {
+    /// The eGPU falls off the bus (XID 79, then every call answers GPU_IS_LOST), or is
+    /// plugged in again.
+    fn set_gpu_lost(&self, lost: bool) {
+        let path = self.root.join("scenario.json");
+        let mut scenario: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        scenario["devices"][0]["lost"] = json!(lost);
+        scenario["devices"][0]["xids"] = json!([79]);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&scenario).unwrap()).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -539,6 +554,89 @@ fn a_game_fails_vllm_over_to_ollama_and_its_end_fails_back() {
             .count()
     };
     assert_eq!((runs("failover-when-gaming"), runs("failback")), (1, 1));
+}
+
+/// The eGPU unplugged mid-run: `aistack_gpu_up` 0, AistackGpuLost, failover to Ollama by the
+/// shipped rules and a page; plugged in again: the GPU reads up and answering again.
+#[test]
+fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
+    // The shipped actioner config's rules for a lost GPU and the phone, as they are.
+    let shipped = std::fs::read_to_string(
+        aistack_tests::workspace_root().join("compose/config/actioner.yaml"),
+    )
+    .unwrap();
+    let rules: String = shipped
+        .lines()
+        .filter(|l| l.contains("AistackGpuLost") || l.contains("name: phone"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(rules.lines().count(), 3, "{shipped}");
+    let stack = Stack::start(&Options {
+        rules: &rules,
+        docker: false,
+        repair: &[],
+    });
+    wait_for(Duration::from_secs(20), "the GPU seen up", || {
+        let v = stack.prometheus.query("aistack_gpu_up");
+        (v.first()?["value"][1] == "1").then_some(())
+    });
+
+    let (started, condition) = (Instant::now(), SystemTime::now());
+    stack.host.set_gpu_lost(true);
+    wait_for(Duration::from_secs(20), "aistack_gpu_up 0", || {
+        let v = stack.prometheus.query("aistack_gpu_up");
+        (v.first()?["value"][1] == "0").then_some(())
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "vLLM scaled to 0, Ollama serving",
+        || {
+            let vllm = stack.kube.deployment("ml", "vllm");
+            (vllm["spec"]["replicas"] == 0
+                && stack.kube.selector("ml", "inference") == json!({"app": "ollama"}))
+            .then_some(())
+        },
+    );
+    let took = started.elapsed();
+    report("egpu", "eGPU unplugged -> Ollama serving", took);
+    assert!(
+        took < Duration::from_secs(30),
+        "failover within 30 s: {took:?}"
+    );
+    stack.report_started("egpu", "failover-when-gpu-lost", condition);
+    let done = stack.wait_journal(
+        "failover-when-gpu-lost",
+        "succeeded",
+        Duration::from_secs(5),
+    );
+    assert_eq!(done["alert"]["name"], "AistackGpuLost");
+    // The phone hears of it too (the notify rule every stack has).
+    wait_for(Duration::from_secs(20), "the page", || {
+        stack
+            .titles()
+            .iter()
+            .any(|t| t.contains("AistackGpuLost"))
+            .then_some(())
+    });
+
+    // Plugged in again. The alert holds until XID 79 is 10 minutes old (too long to wait
+    // for here; the rule's promtool test covers it), so what is checked is what failback
+    // re-checks: the GPU API says lost while it is, and answering once it is back.
+    let api = stack.exporter.get("/api/v1/gpu");
+    assert!(api.body.contains(r#""up":false"#), "{}", api.body);
+    stack.host.set_gpu_lost(false);
+    wait_for(Duration::from_secs(20), "aistack_gpu_up 1", || {
+        let v = stack.prometheus.query("aistack_gpu_up");
+        (v.first()?["value"][1] == "1").then_some(())
+    });
+    let api = stack.exporter.get("/api/v1/gpu");
+    assert!(api.body.contains(r#""up":true"#), "{}", api.body);
+    let runs = stack
+        .journal()
+        .iter()
+        .filter(|e| e["rule"] == "failover-when-gpu-lost" && e["event"] == "started")
+        .count();
+    assert_eq!(runs, 1);
 }
 
 #[test]
