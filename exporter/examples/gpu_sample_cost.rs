@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aistack_exporter::collectors::gpu::attribution::{Attribution, IdentityCache};
+use aistack_exporter::collectors::gpu::health::XidLog;
 use aistack_exporter::collectors::gpu::nvml::NvmlSource;
 use aistack_exporter::collectors::gpu::{GpuSource, attribute_reading};
 use aistack_exporter::config::HostWorkloadConfig;
@@ -24,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let procfs = Path::new("/proc");
 
     let mut source = NvmlSource::new(library.clone());
+    // As the exporter runs it: with the XID event thread waiting alongside.
+    source.watch_xids(std::sync::Arc::new(XidLog::default()));
     let attribution = Attribution::new(&[], &HostWorkloadConfig::default())?;
     let mut identities = IdentityCache::default();
     let first = source.read()?;

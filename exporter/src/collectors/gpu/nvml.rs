@@ -480,8 +480,11 @@ fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) 
     while !stop.load(Ordering::Acquire) {
         match set.wait(XID_WAIT_MS) {
             Ok(event) => {
-                let Some(XidError::Value(xid)) = event.event_data else {
-                    continue;
+                // NVML's 999 ("unknown") counts as itself, as dcgm-exporter shows it.
+                let xid = match event.event_data {
+                    Some(XidError::Value(xid)) => xid,
+                    Some(XidError::Unknown) => 999,
+                    None => continue,
                 };
                 // An event NVML cannot tie to one GPU counts on every watched GPU.
                 match event.device.uuid() {
