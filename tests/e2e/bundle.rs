@@ -145,6 +145,13 @@ fn the_kubernetes_prometheus_rule_carries_exactly_the_rules_in_alerts() {
         resource["spec"]["groups"], rules["groups"],
         "k8s/base/prometheusrule.yaml is stale: run ./k8s/generate-prometheusrule"
     );
+    let compat = yaml("alerts/dcgm-compat.rules.yml");
+    let resource = yaml("k8s/base/prometheusrule-dcgm-compat.yaml");
+    assert_eq!(resource["kind"], "PrometheusRule");
+    assert_eq!(
+        resource["spec"]["groups"], compat["groups"],
+        "k8s/base/prometheusrule-dcgm-compat.yaml is stale: run ./k8s/generate-prometheusrule"
+    );
 }
 
 fn alert_names() -> Vec<String> {
@@ -811,6 +818,7 @@ fn the_kubernetes_overlays_render_what_kube_prometheus_stack_selects() {
             kinds,
             [
                 "AlertmanagerConfig",
+                "PrometheusRule",
                 "PrometheusRule",
                 "ServiceMonitor",
                 "ServiceMonitor"
