@@ -5,6 +5,7 @@
 //! series it reads, return data.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -109,6 +110,27 @@ fn panels() -> Vec<Panel> {
     panels
 }
 
+/// The exporter on the fixture tree copied to `dir`, its NVML the stand-in answering from
+/// `dir/scenario.json`; and its address.
+fn start_exporter(dir: &Path, config: &Path) -> (Daemon, String) {
+    let mut command = Command::new(binary("aistack-exporter"));
+    command.env("FAKE_NVML_SCENARIO", dir.join("scenario.json"));
+    let address = format!("127.0.0.1:{}", free_port());
+    let exporter = Daemon::start_on(
+        command,
+        &[
+            "--config.file",
+            config.to_str().unwrap(),
+            "--path.procfs",
+            dir.join("proc").to_str().unwrap(),
+            "--path.sysfs",
+            dir.join("sys").to_str().unwrap(),
+        ],
+        &address,
+    );
+    (exporter, address)
+}
+
 #[test]
 fn every_dashboard_query_runs_and_returns_data_where_the_data_exists() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,21 +165,7 @@ fn every_dashboard_query_runs_and_returns_data_where_the_data_exists() {
         ),
     )
     .unwrap();
-    let mut command = Command::new(binary("aistack-exporter"));
-    command.env("FAKE_NVML_SCENARIO", dir.path().join("scenario.json"));
-    let exporter_address = format!("127.0.0.1:{}", free_port());
-    let _exporter = Daemon::start_on(
-        command,
-        &[
-            "--config.file",
-            exporter_config.to_str().unwrap(),
-            "--path.procfs",
-            dir.path().join("proc").to_str().unwrap(),
-            "--path.sysfs",
-            dir.path().join("sys").to_str().unwrap(),
-        ],
-        &exporter_address,
-    );
+    let (_exporter, exporter_address) = start_exporter(dir.path(), &exporter_config);
 
     // The actioner, which notifies once.
     let ntfy = FakeNtfy::start();
@@ -289,21 +297,7 @@ fn nvidias_dcgm_dashboard_answers_from_aistack_data_through_the_compat_rules() {
         format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
     )
     .unwrap();
-    let mut command = Command::new(binary("aistack-exporter"));
-    command.env("FAKE_NVML_SCENARIO", dir.path().join("scenario.json"));
-    let address = format!("127.0.0.1:{}", free_port());
-    let _exporter = Daemon::start_on(
-        command,
-        &[
-            "--config.file",
-            config.to_str().unwrap(),
-            "--path.procfs",
-            dir.path().join("proc").to_str().unwrap(),
-            "--path.sysfs",
-            dir.path().join("sys").to_str().unwrap(),
-        ],
-        &address,
-    );
+    let (_exporter, address) = start_exporter(dir.path(), &config);
     let rules = workspace_root().join("alerts/dcgm-compat.rules.yml");
     let prometheus = Prometheus::start_with(&[("aistack-exporter", &address)], Some(&rules), None);
     let value = |promql: &str| -> Option<f64> {

@@ -577,15 +577,13 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
         repair: &[],
     });
     wait_for(Duration::from_secs(20), "the GPU seen up", || {
-        let v = stack.prometheus.query("aistack_gpu_up");
-        (v.first()?["value"][1] == "1").then_some(())
+        (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
     });
 
     let (started, condition) = (Instant::now(), SystemTime::now());
     stack.host.set_gpu_lost(true);
     wait_for(Duration::from_secs(20), "aistack_gpu_up 0", || {
-        let v = stack.prometheus.query("aistack_gpu_up");
-        (v.first()?["value"][1] == "0").then_some(())
+        (value(&stack, "aistack_gpu_up")? == 0.0).then_some(())
     });
     wait_for(
         Duration::from_secs(30),
@@ -626,8 +624,7 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
     assert!(api.body.contains(r#""up":false"#), "{}", api.body);
     stack.host.set_gpu_lost(false);
     wait_for(Duration::from_secs(20), "aistack_gpu_up 1", || {
-        let v = stack.prometheus.query("aistack_gpu_up");
-        (v.first()?["value"][1] == "1").then_some(())
+        (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
     });
     let api = stack.exporter.get("/api/v1/gpu");
     assert!(api.body.contains(r#""up":true"#), "{}", api.body);

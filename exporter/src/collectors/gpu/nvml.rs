@@ -58,6 +58,12 @@ impl std::fmt::Debug for NvmlSource {
     }
 }
 
+impl Drop for NvmlSource {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl NvmlSource {
     /// Loads `library` (a file name for the usual search, or a path) on the first read.
     pub fn new(library: impl Into<String>) -> Self {
@@ -419,36 +425,34 @@ const XID_WAIT_MS: u32 = 500;
 #[derive(Debug)]
 pub struct XidWatcher {
     stop: Arc<AtomicBool>,
+    /// Gets `()` once the thread has dropped its library handle (disconnected if it never ran).
     done: mpsc::Receiver<()>,
-    ended: Arc<AtomicBool>,
 }
 
 impl XidWatcher {
     /// Registers the GPUs with UUIDs in `gpus` for XID events and starts waiting.
     pub fn start(nvml: Arc<Nvml>, log: Arc<XidLog>, gpus: &BTreeSet<String>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let ended = Arc::new(AtomicBool::new(false));
         let (tx, done) = mpsc::channel();
         let gpus = gpus.clone();
-        let (stop_in, ended_in) = (stop.clone(), ended.clone());
+        let stop_in = stop.clone();
         let spawned = std::thread::Builder::new()
             .name("xid-events".into())
             .spawn(move || {
                 watch(&nvml, &log, &gpus, &stop_in);
-                ended_in.store(true, Ordering::Release);
+                // The handle goes first: whoever sees "ended" may shut NVML down.
                 drop(nvml);
                 let _ = tx.send(());
             });
         if let Err(err) = spawned {
             tracing::warn!(collector = "gpu", error = %err, "cannot start the XID event thread");
-            ended.store(true, Ordering::Release);
         }
-        Self { stop, done, ended }
+        Self { stop, done }
     }
 
-    /// Whether the thread has ended (on its own or told to).
+    /// Whether the thread has ended (on its own or told to) and let go of the library.
     pub fn ended(&self) -> bool {
-        self.ended.load(Ordering::Acquire)
+        !matches!(self.done.try_recv(), Err(mpsc::TryRecvError::Empty))
     }
 
     /// Tells the thread to end and waits a little for it (it checks between waits), so the
@@ -456,7 +460,7 @@ impl XidWatcher {
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
         let patience = Duration::from_millis(u64::from(XID_WAIT_MS) * 4);
-        if !self.ended() && self.done.recv_timeout(patience).is_err() {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(patience) {
             tracing::warn!(
                 collector = "gpu",
                 "the XID event thread is stuck in the driver; leaving it"
