@@ -2,6 +2,7 @@
 //! with no file the exporter runs on these defaults.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aistack_common::config::{HumanDuration, Problems, Validate, check_http_url, check_regex};
@@ -51,12 +52,31 @@ pub struct GpuConfig {
     /// The NVML library to load: a file name searched the usual way, or a path (default
     /// `libnvidia-ml.so.1`).
     pub nvml_library: String,
+    /// Where the GPUs seen are remembered across restarts (default `$STATE_DIRECTORY/gpus.json`
+    /// when systemd or the container sets `STATE_DIRECTORY`, else nowhere). Empty: nowhere.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for GpuConfig {
     fn default() -> Self {
         Self {
             nvml_library: "libnvidia-ml.so.1".into(),
+            state_file: None,
+        }
+    }
+}
+
+impl GpuConfig {
+    /// The roster file: `state_file` when set (none when set empty), else `gpus.json` in the
+    /// first directory of `state_directory` (systemd's `$STATE_DIRECTORY`, `:`-separated).
+    pub fn roster_file(&self, state_directory: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+        match &self.state_file {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(path.clone()),
+            None => {
+                let first = state_directory?.to_str()?.split(':').next()?;
+                (!first.is_empty()).then(|| Path::new(first).join("gpus.json"))
+            }
         }
     }
 }

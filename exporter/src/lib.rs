@@ -179,7 +179,14 @@ fn gpu(
 ) -> Result<GpuCollector, StartError> {
     let source = NvmlSource::new(config.gpu.nvml_library.clone());
     let attribution = Attribution::new(&config.services, &config.host_workload)?;
-    let gpu = GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
+    let mut gpu = GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
+    if let Some(file) = config
+        .gpu
+        .roster_file(std::env::var_os("STATE_DIRECTORY").as_deref())
+    {
+        tracing::info!(collector = "gpu", path = %file.display(), "GPUs seen are remembered across restarts");
+        gpu = gpu.with_roster_file(file);
+    }
     Ok(match containers {
         Some(docker) => gpu.with_containers(docker.subscribe(), config.discovery.docker),
         None => gpu,

@@ -83,6 +83,11 @@ fn wait_for_api(
 /// An exporter whose NVML is the fake, answering from `scenario`; procfs is the t0 fixture
 /// tree (it holds the recorded RTX 4080's processes).
 fn start(dir: &Path, scenario: &serde_json::Value) -> Daemon {
+    start_with(dir, scenario, "")
+}
+
+/// [`start`] with `gpu_config` added to the `gpu:` section (`, key: value` flow style).
+fn start_with(dir: &Path, scenario: &serde_json::Value, gpu_config: &str) -> Daemon {
     copy_tree(&fixtures().join("roots/t0"), dir);
     let path = dir.join("scenario.json");
     write_scenario(&path, scenario);
@@ -90,7 +95,7 @@ fn start(dir: &Path, scenario: &serde_json::Value) -> Daemon {
     std::fs::write(
         &config,
         format!(
-            "gpu: {{nvml_library: {}}}\nservices: [{{name: ollama, kind: ollama, url: 'http://127.0.0.1:11434'}}]\n",
+            "gpu: {{nvml_library: {}{gpu_config}}}\nservices: [{{name: ollama, kind: ollama, url: 'http://127.0.0.1:11434'}}]\n",
             fake_nvml_library().display()
         ),
     )
@@ -542,6 +547,106 @@ fn an_egpu_unplugged_mid_run_reads_down_and_comes_back_when_plugged_in() {
     let calls = std::fs::read_to_string(dir.path().join("calls.log")).unwrap();
     let inits = calls.lines().filter(|l| *l == "nvmlInit_v2").count();
     assert!(inits >= 2, "re-initialised to find the GPU again:\n{inits}");
+}
+
+/// The desktop GPU beside the eGPU: the recorded RTX 4080.
+const DESKTOP: &str = RTX;
+const EGPU: &str =
+    r#"gpu="1",uuid="GPU-e9e9e9e9-0000-0000-0000-000000000001",name="NVIDIA GeForce RTX 3090""#;
+
+/// A desktop GPU and an eGPU: the recorded RTX 4080 twice, the second renamed.
+fn desktop_and_egpu() -> serde_json::Value {
+    let mut scenario = recorded("rtx-4080-super.json");
+    let mut egpu = scenario["devices"][0].clone();
+    egpu["uuid"] = serde_json::json!("GPU-e9e9e9e9-0000-0000-0000-000000000001");
+    egpu["name"] = serde_json::json!("NVIDIA GeForce RTX 3090");
+    egpu["pci_bus_id"] = serde_json::json!("00000000:0A:00.0");
+    egpu["processes"] = serde_json::json!([]);
+    scenario["devices"].as_array_mut().unwrap().push(egpu);
+    scenario
+}
+
+/// Next to a healthy desktop GPU, the eGPU falls off the bus: its XID 79 — from a device that
+/// can no longer tell its UUID — counts on the eGPU alone, never on the healthy GPU (which
+/// would mark it lost too). The exporter restarts while the eGPU is gone: from the roster file
+/// the eGPU still reads `gpu_up 0`, so the restart does not resolve AistackGpuLost.
+#[test]
+fn an_unplugged_egpus_xid_stays_on_the_egpu_and_a_restart_remembers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let roster = dir.path().join("state").join("gpus.json");
+    std::fs::create_dir_all(roster.parent().unwrap()).unwrap();
+    let gpu_config = format!(", state_file: {}", roster.display());
+    let scenario = dir.path().join("scenario.json");
+    let both = desktop_and_egpu();
+    let exporter = start_with(dir.path(), &both, &gpu_config);
+    wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 1.0);
+    let xid79 = |gpu: &str| format!(r#"aistack_gpu_xid_errors_total{{{gpu},xid="79"}}"#);
+
+    let mut unplugged = both.clone();
+    unplugged["devices"][1]["lost"] = serde_json::json!(true);
+    unplugged["devices"][1]["xids"] = serde_json::json!([79]);
+    write_scenario(&scenario, &unplugged);
+    wait_for_value(&exporter, &format!("aistack_gpu_last_xid{{{EGPU}}}"), 79.0);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 0.0);
+    assert_eq!(value(&body, &xid79(EGPU)), Some(1.0), "{body}");
+    assert_eq!(value(&body, &xid79(DESKTOP)), Some(0.0), "{body}");
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_up{{{DESKTOP}}}")),
+        Some(1.0),
+        "{body}"
+    );
+    let text = std::fs::read_to_string(&roster).unwrap();
+    assert!(
+        text.contains("GPU-e9e9e9e9-0000-0000-0000-000000000001"),
+        "{text}"
+    );
+
+    // Restarted with the eGPU gone from the device list.
+    drop(exporter);
+    let mut gone = both.clone();
+    gone["devices"].as_array_mut().unwrap().pop();
+    let exporter = start_with(dir.path(), &gone, &gpu_config);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{DESKTOP}}}"), 1.0);
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_up{{{EGPU}}}")),
+        Some(0.0),
+        "{body}"
+    );
+    let api = gpu_api(&exporter);
+    let lost: Vec<_> = api["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["up"] == false)
+        .map(|g| g["uuid"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(lost, ["GPU-e9e9e9e9-0000-0000-0000-000000000001"], "{api}");
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+}
+
+/// GPU_IS_LOST from a call after the GPU's name and UUID answered (the reference allows it from
+/// any device call) marks the GPU lost all the same.
+#[test]
+fn gpu_is_lost_from_any_call_reads_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let both = desktop_and_egpu();
+    let exporter = start(dir.path(), &both);
+    wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 1.0);
+    let mut failing = both.clone();
+    failing["devices"][1]["lost_calls"] = serde_json::json!(["nvmlDeviceGetMemoryInfo_v2"]);
+    write_scenario(&dir.path().join("scenario.json"), &failing);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 0.0);
+    assert_eq!(
+        value(&body, &format!("aistack_gpu_up{{{DESKTOP}}}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&format!("aistack_gpu_info{{{EGPU}")),
+        "{body}"
+    );
+    write_scenario(&dir.path().join("scenario.json"), &both);
+    wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 1.0);
 }
 
 /// With NVML gone as a whole, the GPUs seen before read down (an eGPU that was the only

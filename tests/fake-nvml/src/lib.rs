@@ -9,7 +9,9 @@
 //!   answer `NVML_ERROR_DRIVER_NOT_LOADED` (a driver reload, an unplugged eGPU).
 //! - a device's `"lost": true` — its calls answer `NVML_ERROR_GPU_IS_LOST` (an eGPU unplugged
 //!   from under a running driver, a GPU fallen off the bus); removing it from `devices` is the
-//!   device count dropping.
+//!   device count dropping. `"lost_calls": ["nvmlDeviceGetMemoryInfo_v2", ...]` makes only those
+//!   calls answer it (the reference allows GPU_IS_LOST from any device call; a driver may still
+//!   answer a GPU's name and UUID from what it enumerated).
 //! - a device's `"xids": [79, ...]` — XID critical errors, delivered once each, in order,
 //!   through event sets (`nvmlEventSetWait_v2`) the device is registered in; appending to the
 //!   list raises new ones. `"xid_events": false` makes the device not support the event.
@@ -61,6 +63,8 @@ struct Scenario {
 struct FakeDevice {
     #[serde(default)]
     lost: bool,
+    #[serde(default)]
+    lost_calls: Vec<String>,
     name: Option<String>,
     uuid: Option<String>,
     pci_bus_id: Option<String>,
@@ -227,7 +231,7 @@ fn with_device(
     else {
         return ERROR_INVALID_ARGUMENT;
     };
-    if device.lost {
+    if device.lost || device.lost_calls.iter().any(|c| c == call) {
         return ERROR_GPU_IS_LOST;
     }
     f(device)

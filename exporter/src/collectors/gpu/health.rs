@@ -4,10 +4,20 @@
 //!
 //! The event thread writes [`XidLog`]; the sampler writes the roster after every read; scrapes
 //! read both through short locks, never waiting on NVML.
+//!
+//! The roster is kept in a file (`gpu.state_file`, by default `$STATE_DIRECTORY/gpus.json`
+//! under systemd) when one is configured, so a GPU that fell off the bus still reads
+//! `gpu_up 0` after the exporter restarts — otherwise the restart alone would resolve
+//! AistackGpuLost and fail vLLM back onto a GPU that is not there. Only the GPUs' identities
+//! are kept, written when one is first seen; deleting the file forgets a GPU removed on purpose.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 
@@ -78,11 +88,12 @@ impl XidLog {
         }
     }
 
-    /// Counts one `xid` on `uuid` (ignored for a GPU not watched).
-    pub fn record(&self, uuid: &str, xid: u64) {
+    /// Counts one `xid` on `uuid` (ignored for a GPU not watched); returns the count under its
+    /// label now (0 when ignored).
+    pub fn record(&self, uuid: &str, xid: u64) -> u64 {
         let mut gpus = lock(&self.gpus);
         let Some(counts) = gpus.get_mut(uuid) else {
-            return;
+            return 0;
         };
         let key = if counts.counts.contains_key(&XidKey::Xid(xid))
             || counts.counts.len() < MAX_XIDS_PER_GPU
@@ -91,8 +102,11 @@ impl XidLog {
         } else {
             XidKey::Other
         };
-        *counts.counts.entry(key).or_default() += 1;
+        let count = counts.counts.entry(key).or_default();
+        *count += 1;
+        let count = *count;
         counts.last = xid;
+        count
     }
 
     /// The UUIDs watched now or before.
@@ -107,7 +121,7 @@ impl XidLog {
 }
 
 /// A GPU this exporter has seen, as last seen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownGpu {
     /// NVML index when last seen.
     pub index: u32,
@@ -115,8 +129,15 @@ pub struct KnownGpu {
     pub uuid: String,
     /// Product name.
     pub name: String,
-    /// Whether it answered at the last read.
+    /// Whether it answered at the last read (not kept in the file).
+    #[serde(skip, default)]
     pub up: bool,
+}
+
+/// The roster file's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct RosterFile {
+    gpus: Vec<KnownGpu>,
 }
 
 impl KnownGpu {
@@ -148,56 +169,164 @@ impl HealthSnapshot {
 /// The roster of GPUs seen and the XID log, shared by the sampler, the event thread and scrapes.
 #[derive(Debug, Default)]
 pub struct GpuHealth {
-    roster: Mutex<BTreeMap<String, KnownGpu>>,
+    roster: Mutex<Roster>,
     xids: std::sync::Arc<XidLog>,
+    /// Where the roster is kept, if anywhere.
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Roster {
+    gpus: BTreeMap<String, KnownGpu>,
+    /// GPUs from the file, joining the roster (as down, until they answer) at the first read:
+    /// before it nothing is known, and the exporter shows no GPU rather than all of them down.
+    remembered: Vec<KnownGpu>,
+    /// The roster gained a GPU since it was last written.
+    unsaved: bool,
+}
+
+impl Roster {
+    fn join_remembered(&mut self) {
+        for gpu in std::mem::take(&mut self.remembered) {
+            if self.gpus.len() < MAX_KNOWN_GPUS {
+                self.gpus.entry(gpu.uuid.clone()).or_insert(gpu);
+            }
+        }
+    }
 }
 
 impl GpuHealth {
+    /// A roster kept in `file` (`None`: in memory only), starting from what the file holds.
+    /// A file that cannot be read is reported and replaced at the next write.
+    pub fn new(file: Option<PathBuf>) -> Self {
+        let remembered = file.as_deref().map(load_roster).unwrap_or_default();
+        Self {
+            roster: Mutex::new(Roster {
+                remembered,
+                ..Roster::default()
+            }),
+            xids: std::sync::Arc::default(),
+            file,
+        }
+    }
+
     /// The XID log the event thread writes.
     pub fn xid_log(&self) -> std::sync::Arc<XidLog> {
         self.xids.clone()
     }
 
-    /// After a read: `present` (index, UUID, name) answered; every other GPU seen before did not.
-    pub fn observe<'a>(&self, present: impl IntoIterator<Item = (u32, &'a str, &'a str)>) {
+    /// After a read: `present` (index, UUID, name) answered; every other GPU seen before did
+    /// not. True when the roster gained a GPU (see [`GpuHealth::save`]).
+    pub fn observe<'a>(&self, present: impl IntoIterator<Item = (u32, &'a str, &'a str)>) -> bool {
         let mut roster = lock(&self.roster);
-        for gpu in roster.values_mut() {
+        roster.join_remembered();
+        for gpu in roster.gpus.values_mut() {
             gpu.up = false;
         }
         for (index, uuid, name) in present {
-            if let Some(gpu) = roster.get_mut(uuid) {
+            if let Some(gpu) = roster.gpus.get_mut(uuid) {
                 (gpu.index, gpu.up) = (index, true);
                 if gpu.name != name {
                     name.clone_into(&mut gpu.name);
                 }
-            } else if roster.len() < MAX_KNOWN_GPUS {
+            } else if roster.gpus.len() < MAX_KNOWN_GPUS {
                 let gpu = KnownGpu {
                     index,
                     uuid: uuid.to_owned(),
                     name: name.to_owned(),
                     up: true,
                 };
-                roster.insert(uuid.to_owned(), gpu);
+                roster.gpus.insert(uuid.to_owned(), gpu);
+                roster.unsaved = true;
             }
         }
+        roster.unsaved && self.file.is_some()
     }
 
     /// NVML as a whole stopped answering: no GPU is up.
     pub fn all_down(&self) {
-        for gpu in lock(&self.roster).values_mut() {
+        let mut roster = lock(&self.roster);
+        roster.join_remembered();
+        for gpu in roster.gpus.values_mut() {
             gpu.up = false;
         }
     }
 
+    /// Writes the roster to its file if it gained a GPU since the last write: a new file
+    /// beside it, synced, renamed over it, so a crash leaves the old roster or the new one.
+    /// Blocking file I/O: call it off the async runtime.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let gpus = {
+            let mut roster = lock(&self.roster);
+            if !roster.unsaved {
+                return Ok(());
+            }
+            roster.unsaved = false;
+            roster.gpus.values().cloned().collect()
+        };
+        let written = write_roster(path, &RosterFile { gpus });
+        if written.is_err() {
+            // Try again after the next read.
+            lock(&self.roster).unsaved = true;
+        }
+        written
+    }
+
     /// A copy of the roster and the XID counts.
     pub fn snapshot(&self) -> HealthSnapshot {
-        let mut gpus: Vec<KnownGpu> = lock(&self.roster).values().cloned().collect();
+        let mut gpus: Vec<KnownGpu> = lock(&self.roster).gpus.values().cloned().collect();
         gpus.sort_by(|a, b| (a.index, &a.uuid).cmp(&(b.index, &b.uuid)));
         HealthSnapshot {
             gpus,
             xids: self.xids.snapshot(),
         }
     }
+}
+
+/// The GPUs in the roster file; none (and a warning, unless it does not exist yet) when it
+/// cannot be read.
+fn load_roster(path: &Path) -> Vec<KnownGpu> {
+    let read = std::fs::read(path).and_then(|bytes| {
+        serde_json::from_slice::<RosterFile>(&bytes)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+    });
+    match read {
+        Ok(file) => {
+            let mut gpus = file.gpus;
+            gpus.truncate(MAX_KNOWN_GPUS);
+            gpus
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => {
+            tracing::warn!(collector = "gpu", path = %path.display(), error = %err, "cannot read the GPU roster; starting without it (it is written again when a GPU is seen)");
+            Vec::new()
+        }
+    }
+}
+
+fn write_roster(path: &Path, roster: &RosterFile) -> io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(roster).map_err(io::Error::other)?;
+    text.push(b'\n');
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    let written = file
+        .write_all(&text)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename is durable once the directory is.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -246,18 +375,15 @@ pub fn encode_health(encoder: &mut DescriptorEncoder, health: &HealthSnapshot) -
     )
 }
 
-/// What the gpu collector shows while NVML does not answer: `aistack_nvml_up 0`, and the
-/// GPUs seen before as down, with their XID counts.
+/// What the gpu collector shows while it has no sample: `aistack_nvml_up 0`, and the GPUs seen
+/// before with their XID counts, as the roster has them: all down when NVML stopped answering,
+/// as last read when a sample only ran late (a slow re-initialisation is not a lost GPU).
 #[derive(Debug)]
 pub struct HealthWhileMissing(pub std::sync::Arc<GpuHealth>);
 
 impl crate::metrics::EncodeWhileMissing for HealthWhileMissing {
     fn encode(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
-        let mut health = self.0.snapshot();
-        for gpu in &mut health.gpus {
-            gpu.up = false;
-        }
-        encode_health(encoder, &health)
+        encode_health(encoder, &self.0.snapshot())
     }
 }
 
@@ -311,5 +437,72 @@ mod tests {
         assert!(health.snapshot().lost().next().is_none());
         health.all_down();
         assert_eq!(health.snapshot().lost().count(), 2);
+    }
+
+    fn state(health: &GpuHealth) -> Vec<(String, bool)> {
+        health
+            .snapshot()
+            .gpus
+            .into_iter()
+            .map(|g| (g.uuid, g.up))
+            .collect()
+    }
+
+    #[test]
+    fn a_restart_remembers_the_gpus_seen_before_from_the_roster_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.json");
+        let health = GpuHealth::new(Some(path.clone()));
+        assert!(health.observe([(0, "GPU-a", "A"), (1, "GPU-egpu", "eGPU")]));
+        health.save().unwrap();
+        assert!(!health.observe([(0, "GPU-a", "A")]), "nothing new to write");
+
+        // The eGPU is unplugged, then the exporter restarts.
+        let restarted = GpuHealth::new(Some(path.clone()));
+        assert!(
+            state(&restarted).is_empty(),
+            "nothing is known before the first read"
+        );
+        assert!(!restarted.observe([(0, "GPU-a", "A")]));
+        assert_eq!(
+            state(&restarted),
+            [("GPU-a".to_owned(), true), ("GPU-egpu".to_owned(), false)]
+        );
+        let lost = restarted.snapshot();
+        let egpu = lost.lost().next().unwrap();
+        assert_eq!((egpu.index, egpu.name.as_str()), (1, "eGPU"));
+
+        // Deleting the file forgets it.
+        std::fs::remove_file(&path).unwrap();
+        let forgotten = GpuHealth::new(Some(path));
+        forgotten.observe([(0, "GPU-a", "A")]);
+        assert_eq!(state(&forgotten), [("GPU-a".to_owned(), true)]);
+    }
+
+    #[test]
+    fn a_roster_file_that_cannot_be_read_or_written_loses_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        let health = GpuHealth::new(Some(path.clone()));
+        assert!(health.observe([(0, "GPU-a", "A")]));
+        health.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("GPU-a"), "{text}");
+
+        // A directory that is gone: the write fails, the roster stays, and is retried.
+        let gone = dir.path().join("gone").join("gpus.json");
+        let health = GpuHealth::new(Some(gone.clone()));
+        health.observe([(0, "GPU-a", "A")]);
+        assert!(health.save().is_err());
+        assert_eq!(state(&health), [("GPU-a".to_owned(), true)]);
+        std::fs::create_dir(gone.parent().unwrap()).unwrap();
+        health.save().unwrap();
+        assert!(std::fs::read_to_string(&gone).unwrap().contains("GPU-a"));
+        let leftovers: Vec<_> = std::fs::read_dir(gone.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["gpus.json"], "no temporary file left behind");
     }
 }

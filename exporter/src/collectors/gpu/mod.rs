@@ -895,6 +895,17 @@ impl GpuCollector {
         }
     }
 
+    /// Remembers the GPUs seen in `file`, so one lost stays `gpu_up 0` across restarts.
+    pub fn with_roster_file(mut self, file: PathBuf) -> Self {
+        self.health = Arc::new(GpuHealth::new(Some(file)));
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .source
+            .watch_xids(self.health.xid_log());
+        self
+    }
+
     /// Names containers from the docker collector's latest sample (else they are short ids);
     /// with `discovery`, processes in containers of known inference images belong to the
     /// service named after their container, as the services collector discovers it.
@@ -1026,10 +1037,20 @@ impl Collector for GpuCollector {
             Ok(mut sample) => {
                 self.backoff.succeeded();
                 self.note_up(true, "");
-                self.health.observe(sample.devices.iter().map(|d| {
+                let gained = self.health.observe(sample.devices.iter().map(|d| {
                     let r = &d.reading;
                     (r.index, r.uuid.as_str(), r.name.as_str())
                 }));
+                if gained {
+                    let health = self.health.clone();
+                    blocking(move || {
+                        if let Err(err) = health.save() {
+                            tracing::warn!(collector = "gpu", error = %err, "cannot write the GPU roster; a restart would forget a GPU lost meanwhile");
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                }
                 sample.health = self.health.snapshot();
                 Ok(sample)
             }

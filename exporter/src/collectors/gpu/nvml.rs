@@ -2,14 +2,16 @@
 //! exporter starts on hosts without the NVIDIA driver.
 //!
 //! Per-field calls that fail are `None` (NOT_SUPPORTED quietly; anything else logged at debug);
-//! a device whose handle or identity cannot be read, or that reports GPU_IS_LOST, is left out
-//! of the reading. Errors meaning the library itself is gone (uninitialised, driver not loaded,
+//! a device whose handle or identity cannot be read, or that reports GPU_IS_LOST to any call, is
+//! left out of the reading (the collector shows it as `gpu_up 0`). Errors meaning the library itself is gone (uninitialised, driver not loaded,
 //! library/driver version mismatch) fail the whole read, so the collector re-initialises.
 //!
 //! Hot-plug: NVML enumerates GPUs when it initialises, so a GPU that comes back (an eGPU
 //! plugged in again, a GPU recovered by a reset) is only seen after a new `nvmlInit`. While a
 //! GPU seen before is missing or lost, the source re-initialises every 5 s, then less often,
-//! up to every 60 s.
+//! up to every 60 s. A re-initialisation takes two reads: the first asks the XID thread to end
+//! and reads on with the old handle; a later one, once the thread let go, shuts NVML down and
+//! initialises it again. No read waits for the thread.
 //!
 //! XID errors arrive through an NVML event set, on a thread of their own ([`XidWatcher`])
 //! that shares the source's library handle and is started and stopped with it: it never
@@ -44,8 +46,13 @@ pub struct NvmlSource {
     seen: BTreeSet<String>,
     /// When to re-initialise to look for a missing GPU again, and the delay after that.
     rescan: Option<(Instant, Duration)>,
+    /// A re-initialisation was asked for and waits for the XID thread to end.
+    reinit: bool,
     xids: Option<Arc<XidLog>>,
     watcher: Option<XidWatcher>,
+    /// When the XID thread may be started again, and the wait after that: a thread that ends
+    /// at once (no GPU supports the event, the set keeps failing) is not restarted every read.
+    next_watch: Option<(Instant, Duration)>,
 }
 
 impl std::fmt::Debug for NvmlSource {
@@ -72,13 +79,19 @@ impl NvmlSource {
             nvml: None,
             seen: BTreeSet::new(),
             rescan: None,
+            reinit: false,
             xids: None,
             watcher: None,
+            next_watch: None,
         }
     }
 
     const RESCAN_FIRST: Duration = Duration::from_secs(5);
     const RESCAN_MAX: Duration = Duration::from_secs(60);
+    const WATCH_RETRY_FIRST: Duration = Duration::from_secs(5);
+    const WATCH_RETRY_MAX: Duration = Duration::from_secs(60);
+    /// How long a re-initialisation waits for the XID thread before leaving it behind.
+    const WATCHER_PATIENCE: Duration = Duration::from_millis(XID_WAIT_MS as u64 * 4);
 
     /// After a read that found `present` and `lost` devices: schedule a re-initialisation
     /// while a GPU seen before is missing, or a device is lost.
@@ -104,12 +117,37 @@ impl NvmlSource {
         }
     }
 
+    /// Whether the XID thread should be started now (none running, no re-initialisation under
+    /// way, and not before its retry time); schedules the retry after this start.
+    fn watch_due(&mut self, now: Instant) -> bool {
+        if self.xids.is_none()
+            || self.reinit
+            || !self.watcher.as_ref().is_none_or(XidWatcher::ended)
+        {
+            return false;
+        }
+        let delay = match self.next_watch {
+            Some((at, _)) if now < at => return false,
+            // The last thread lived past its retry delay: it ended for a reason of its own (a
+            // GPU lost), not for want of anything to watch.
+            Some((at, delay)) if now.saturating_duration_since(at) < delay => {
+                (delay * 2).min(Self::WATCH_RETRY_MAX)
+            }
+            _ => Self::WATCH_RETRY_FIRST,
+        };
+        self.next_watch = Some((now + delay, delay));
+        true
+    }
+
     /// Stops the XID watcher and drops the library handle (the last user's drop shuts NVML
     /// down).
     fn release(&mut self) {
         if let Some(watcher) = self.watcher.take() {
-            watcher.stop();
+            watcher.stop(Self::WATCHER_PATIENCE);
         }
+        // A new handle gets its watcher at once.
+        self.next_watch = None;
+        self.reinit = false;
         if let Some(nvml) = self.nvml.take() {
             match Arc::try_unwrap(nvml) {
                 Ok(nvml) => {
@@ -141,9 +179,11 @@ fn unavailable(err: NvmlError) -> GpuError {
 
 /// `Some(value)`, or `None` with a debug line for anything but NOT_SUPPORTED. A fatal error is
 /// kept so the read can fail as a whole.
+/// GPU_IS_LOST from any call marks the device lost.
 struct Fields<'a> {
     index: u32,
     fatal: &'a mut Option<NvmlError>,
+    lost: bool,
 }
 
 impl Fields<'_> {
@@ -151,6 +191,10 @@ impl Fields<'_> {
         match result {
             Ok(value) => Some(value),
             Err(NvmlError::NotSupported) => None,
+            Err(NvmlError::GpuLost) => {
+                self.lost = true;
+                None
+            }
             Err(err) if is_fatal(&err) => {
                 self.fatal.get_or_insert(err);
                 None
@@ -188,7 +232,11 @@ fn read_device(
         .uuid()
         .map_err(|e| fatal_or_skip(index, "uuid", e, fatal))
         .ok()?;
-    let mut f = Fields { index, fatal };
+    let mut f = Fields {
+        index,
+        fatal,
+        lost: false,
+    };
     let memory = f.get("memory_info", device.memory_info());
     let utilization = f.get("utilization", device.utilization_rates());
     let fields = HealthFields::read(&mut f, device);
@@ -203,44 +251,58 @@ fn read_device(
     if let Some(list) = f.get("graphics_processes", device.running_graphics_processes()) {
         process_list.extend(processes(ProcessKind::Graphics, list));
     }
+    let pci_bus_id = f.get("pci_info", device.pci_info()).map(|p| p.bus_id);
+    let temperature_gpu_celsius = f.get("temperature", device.temperature(TemperatureSensor::Gpu));
+    let power_usage_milliwatts = f.get("power_usage", device.power_usage());
+    let enforced_power_limit_milliwatts = f.get("power_limit", device.enforced_power_limit());
+    let total_energy_millijoules = f.get("total_energy", device.total_energy_consumption());
+    let clocks_mhz = ClockReadings {
+        graphics: f.get("clock_graphics", device.clock_info(Clock::Graphics)),
+        sm: f.get("clock_sm", device.clock_info(Clock::SM)),
+        memory: f.get("clock_memory", device.clock_info(Clock::Memory)),
+    };
+    let clocks_event_reasons = f
+        .get("clocks_event_reasons", device.current_throttle_reasons())
+        .map(|r| r.bits());
+    let encoder_utilization_percent = f
+        .get("encoder_utilization", device.encoder_utilization())
+        .map(|u| u.utilization);
+    let decoder_utilization_percent = f
+        .get("decoder_utilization", device.decoder_utilization())
+        .map(|u| u.utilization);
+    let pcie = PcieReading {
+        link_gen_current: f.get("pcie_gen", device.current_pcie_link_gen()),
+        link_gen_max: f.get("pcie_gen_max", device.max_pcie_link_gen()),
+        link_width_current: f.get("pcie_width", device.current_pcie_link_width()),
+        link_width_max: f.get("pcie_width_max", device.max_pcie_link_width()),
+        replay_counter: fields.u64(PCIE_REPLAY_COUNTER),
+    };
+    if f.lost || fields.lost {
+        tracing::debug!(collector = "gpu", gpu = index, %uuid, "GPU is lost: left out");
+        return None;
+    }
     Some(DeviceReading {
         index,
         name,
         uuid,
-        pci_bus_id: f.get("pci_info", device.pci_info()).map(|p| p.bus_id),
+        pci_bus_id,
         utilization_gpu_percent: utilization.as_ref().map(|u| u.gpu),
         memory_used_bytes: memory.as_ref().map(|m| m.used),
         memory_total_bytes: memory.as_ref().map(|m| m.total),
         memory_free_bytes: memory.as_ref().map(|m| m.free),
-        temperature_gpu_celsius: f.get("temperature", device.temperature(TemperatureSensor::Gpu)),
-        power_usage_milliwatts: f.get("power_usage", device.power_usage()),
-        enforced_power_limit_milliwatts: f.get("power_limit", device.enforced_power_limit()),
-        total_energy_millijoules: f.get("total_energy", device.total_energy_consumption()),
-        clocks_mhz: ClockReadings {
-            graphics: f.get("clock_graphics", device.clock_info(Clock::Graphics)),
-            sm: f.get("clock_sm", device.clock_info(Clock::SM)),
-            memory: f.get("clock_memory", device.clock_info(Clock::Memory)),
-        },
+        temperature_gpu_celsius,
+        power_usage_milliwatts,
+        enforced_power_limit_milliwatts,
+        total_energy_millijoules,
+        clocks_mhz,
         fan_speeds_percent,
-        clocks_event_reasons: f
-            .get("clocks_event_reasons", device.current_throttle_reasons())
-            .map(|r| r.bits()),
+        clocks_event_reasons,
         processes: process_list,
         utilization_memory_percent: utilization.as_ref().map(|u| u.memory),
-        encoder_utilization_percent: f
-            .get("encoder_utilization", device.encoder_utilization())
-            .map(|u| u.utilization),
-        decoder_utilization_percent: f
-            .get("decoder_utilization", device.decoder_utilization())
-            .map(|u| u.utilization),
+        encoder_utilization_percent,
+        decoder_utilization_percent,
         memory_temperature_celsius: fields.u32(MEMORY_TEMP),
-        pcie: PcieReading {
-            link_gen_current: f.get("pcie_gen", device.current_pcie_link_gen()),
-            link_gen_max: f.get("pcie_gen_max", device.max_pcie_link_gen()),
-            link_width_current: f.get("pcie_width", device.current_pcie_link_width()),
-            link_width_max: f.get("pcie_width_max", device.max_pcie_link_width()),
-            replay_counter: fields.u64(PCIE_REPLAY_COUNTER),
-        },
+        pcie,
         ecc: EccReading {
             corrected_volatile: fields.u64(ECC_SBE_VOL_TOTAL),
             uncorrected_volatile: fields.u64(ECC_DBE_VOL_TOTAL),
@@ -294,7 +356,11 @@ const HEALTH_FIELDS: [u32; 13] = [
 
 /// The health fields of one device, from one field-values call; a field the device does
 /// not support (most of them on consumer cards) is absent.
-struct HealthFields(Vec<(u32, SampleValue)>);
+struct HealthFields {
+    values: Vec<(u32, SampleValue)>,
+    /// A field answered GPU_IS_LOST.
+    lost: bool,
+}
 
 impl HealthFields {
     fn read(f: &mut Fields<'_>, device: &Device<'_>) -> Self {
@@ -302,26 +368,30 @@ impl HealthFields {
         let values = f
             .get("field_values", device.field_values_for(&ids))
             .unwrap_or_default();
+        let mut lost = false;
         // In request order: the answer's own field id may be the driver's renumbering.
-        Self(
-            HEALTH_FIELDS
-                .iter()
-                .zip(values)
-                .filter_map(|(&id, sample)| match sample.map(|s| s.value) {
-                    Ok(Ok(value)) => Some((id, value)),
-                    Ok(Err(err)) | Err(err) => {
-                        if !matches!(err, NvmlError::NotSupported) {
+        let values = HEALTH_FIELDS
+            .iter()
+            .zip(values)
+            .filter_map(|(&id, sample)| match sample.map(|s| s.value) {
+                Ok(Ok(value)) => Some((id, value)),
+                Ok(Err(err)) | Err(err) => {
+                    match err {
+                        NvmlError::NotSupported => {}
+                        NvmlError::GpuLost => lost = true,
+                        err => {
                             tracing::debug!(collector = "gpu", gpu = f.index, field = id, error = %err, "field unavailable");
                         }
-                        None
                     }
-                })
-                .collect(),
-        )
+                    None
+                }
+            })
+            .collect();
+        Self { values, lost }
     }
 
     fn u64(&self, id: u32) -> Option<u64> {
-        let value = self.0.iter().find(|(i, _)| *i == id)?;
+        let value = self.values.iter().find(|(i, _)| *i == id)?;
         match value.1 {
             SampleValue::U32(v) => Some(u64::from(v)),
             SampleValue::U64(v) => Some(v),
@@ -355,6 +425,17 @@ impl GpuSource for NvmlSource {
                 collector = "gpu",
                 "a GPU seen before is missing: re-initialising NVML to look for it"
             );
+            self.reinit = true;
+            if let Some(watcher) = &self.watcher {
+                watcher.ask_to_stop(now);
+            }
+        }
+        if self.reinit
+            && self
+                .watcher
+                .as_ref()
+                .is_none_or(|w| w.ended() || w.stopping_for(now) >= Self::WATCHER_PATIENCE)
+        {
             self.release();
         }
         let nvml = match self.nvml.take() {
@@ -385,23 +466,26 @@ impl GpuSource for NvmlSource {
                 None => lost += 1,
             }
         }
+        let mut f = Fields {
+            index: u32::MAX,
+            fatal: &mut fatal,
+            lost: false,
+        };
+        let driver_version = f.get("driver_version", nvml.sys_driver_version());
+        let cuda_driver_version = f.get("cuda_version", nvml.sys_cuda_driver_version());
         if let Some(err) = fatal {
             return Err(unavailable(err));
         }
         let present: BTreeSet<String> = devices.iter().map(|d| d.uuid.clone()).collect();
         self.note_devices(now, &present, lost);
-        if let Some(log) = &self.xids
-            && self.watcher.as_ref().is_none_or(XidWatcher::ended)
+        if self.watch_due(now)
+            && let Some(log) = &self.xids
         {
-            self.watcher = Some(XidWatcher::start(nvml.clone(), log.clone(), &present));
+            self.watcher = Some(XidWatcher::start(nvml, log.clone(), &present));
         }
-        let mut f = Fields {
-            index: u32::MAX,
-            fatal: &mut fatal,
-        };
         Ok(GpuReading {
-            driver_version: f.get("driver_version", nvml.sys_driver_version()),
-            cuda_driver_version: f.get("cuda_version", nvml.sys_cuda_driver_version()),
+            driver_version,
+            cuda_driver_version,
             devices,
         })
     }
@@ -425,6 +509,8 @@ const XID_WAIT_MS: u32 = 500;
 #[derive(Debug)]
 pub struct XidWatcher {
     stop: Arc<AtomicBool>,
+    /// When it was asked to stop.
+    stopping_since: std::sync::OnceLock<Instant>,
     /// Gets `()` once the thread has dropped its library handle (disconnected if it never ran).
     done: mpsc::Receiver<()>,
 }
@@ -447,7 +533,11 @@ impl XidWatcher {
         if let Err(err) = spawned {
             tracing::warn!(collector = "gpu", error = %err, "cannot start the XID event thread");
         }
-        Self { stop, done }
+        Self {
+            stop,
+            stopping_since: std::sync::OnceLock::new(),
+            done,
+        }
     }
 
     /// Whether the thread has ended (on its own or told to) and let go of the library.
@@ -455,11 +545,25 @@ impl XidWatcher {
         !matches!(self.done.try_recv(), Err(mpsc::TryRecvError::Empty))
     }
 
-    /// Tells the thread to end and waits a little for it (it checks between waits), so the
-    /// library handle it holds is released before NVML is shut down and initialised again.
-    pub fn stop(self) {
+    /// Tells the thread to end after its current wait, without waiting for it.
+    pub fn ask_to_stop(&self, now: Instant) {
         self.stop.store(true, Ordering::Release);
-        let patience = Duration::from_millis(u64::from(XID_WAIT_MS) * 4);
+        self.stopping_since.get_or_init(|| now);
+    }
+
+    /// How long ago it was asked to stop (zero if it was not).
+    pub fn stopping_for(&self, now: Instant) -> Duration {
+        self.stopping_since.get().map_or(Duration::ZERO, |since| {
+            now.saturating_duration_since(*since)
+        })
+    }
+
+    /// Tells the thread to end and waits up to `patience` for it (it checks between waits),
+    /// so the library handle it holds is released before NVML is shut down and initialised
+    /// again.
+    pub fn stop(self, patience: Duration) {
+        self.ask_to_stop(Instant::now());
+        let patience = patience.saturating_sub(self.stopping_for(Instant::now()));
         if let Err(mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(patience) {
             tracing::warn!(
                 collector = "gpu",
@@ -473,7 +577,7 @@ fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) 
     let Some((set, watched)) = register(nvml, gpus) else {
         return;
     };
-    for uuid in &watched {
+    for (_, uuid) in &watched {
         log.watching(uuid);
     }
     tracing::debug!(
@@ -490,21 +594,11 @@ fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) 
                     Some(XidError::Unknown) => 999,
                     None => continue,
                 };
-                // An event NVML cannot tie to one GPU counts on every watched GPU.
-                match event.device.uuid() {
-                    Ok(uuid) if watched.contains(&uuid) => {
-                        tracing::warn!(collector = "gpu", %uuid, xid, "XID error");
-                        log.record(&uuid, xid);
-                    }
-                    _ => {
-                        tracing::warn!(
-                            collector = "gpu",
-                            xid,
-                            "XID error on an unknown GPU: counted on every GPU"
-                        );
-                        for uuid in &watched {
-                            log.record(uuid, xid);
-                        }
+                for uuid in event_gpus(&event.device, &watched) {
+                    let count = log.record(uuid, xid);
+                    // A storm logs at 1, 2, 4, 8, ... of each XID, not every event.
+                    if count.is_power_of_two() {
+                        tracing::warn!(collector = "gpu", %uuid, xid, count, "XID error");
                     }
                 }
             }
@@ -517,16 +611,41 @@ fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) 
     }
 }
 
+/// The watched GPU an event came from. A GPU that fell off the bus no longer tells its UUID
+/// (GPU_IS_LOST): the event is then the watched GPU(s) that no longer answer — never a healthy
+/// one, so an unplugged eGPU's XID 79 does not mark the GPU beside it lost. `device`'s raw
+/// handle would say it directly, but nvml-wrapper hands it out only through `unsafe`.
+fn event_gpus<'w>(device: &Device<'_>, watched: &'w [(Device<'_>, String)]) -> Vec<&'w str> {
+    if let Ok(uuid) = device.uuid()
+        && let Some((_, uuid)) = watched.iter().find(|(_, w)| *w == uuid)
+    {
+        return vec![uuid.as_str()];
+    }
+    let silent: Vec<&str> = watched
+        .iter()
+        .filter(|(d, _)| d.uuid().is_err())
+        .map(|(_, uuid)| uuid.as_str())
+        .collect();
+    if silent.is_empty() {
+        tracing::warn!(
+            collector = "gpu",
+            "XID error from a GPU that is not watched: not counted"
+        );
+    }
+    silent
+}
+
 /// An event set with every GPU in `gpus` that supports XID events, and their UUIDs; `None`
 /// when none does or the set cannot be made. A registration that fails frees the whole set
 /// (NVML's rule), so support is checked first.
+#[allow(clippy::type_complexity)]
 fn register<'n>(
     nvml: &'n Nvml,
     gpus: &BTreeSet<String>,
-) -> Option<(nvml_wrapper::EventSet<'n>, BTreeSet<String>)> {
+) -> Option<(nvml_wrapper::EventSet<'n>, Vec<(Device<'n>, String)>)> {
     let count = nvml.device_count().ok()?;
     let mut set = None;
-    let mut watched = BTreeSet::new();
+    let mut watched = Vec::new();
     for index in 0..count {
         let Ok(device) = nvml.device_by_index(index) else {
             continue;
@@ -553,7 +672,7 @@ fn register<'n>(
         match device.register_events(EventTypes::CRITICAL_XID_ERROR, current) {
             Ok(registered) => {
                 set = Some(registered);
-                watched.insert(uuid);
+                watched.push((device, uuid));
             }
             Err(err) => {
                 // The set is gone with the failure: start over without this GPU.
@@ -564,4 +683,72 @@ fn register<'n>(
         }
     }
     Some((set?, watched))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uuids(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|u| (*u).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_missing_gpu_schedules_re_initialisations_that_back_off_and_stop_when_it_is_back() {
+        let mut source = NvmlSource::new("libnvidia-ml.so.1");
+        let start = Instant::now();
+        source.note_devices(start, &uuids(&["GPU-a", "GPU-b"]), 0);
+        assert!(source.rescan.is_none(), "all there: no re-initialisation");
+
+        // GPU-b is gone: first rescan after 5 s, then 10, 20, 40, 60, 60.
+        source.note_devices(start, &uuids(&["GPU-a"]), 0);
+        let mut now = start;
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            let (at, _) = source.rescan.unwrap();
+            assert!(!source.rescan_due(at - Duration::from_millis(1)));
+            delays.push(at - now);
+            now = at;
+            assert!(source.rescan_due(now));
+            source.note_devices(now, &uuids(&["GPU-a"]), 0);
+        }
+        let secs: Vec<u64> = delays.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 60, 60]);
+
+        // A lost handle counts as missing too, even with every UUID known present.
+        source.note_devices(now, &uuids(&["GPU-a", "GPU-b"]), 0);
+        assert!(source.rescan.is_none(), "back: no more re-initialisations");
+        source.note_devices(now, &uuids(&["GPU-a", "GPU-b"]), 1);
+        assert_eq!(source.rescan.unwrap().1, NvmlSource::RESCAN_FIRST);
+    }
+
+    #[test]
+    fn an_xid_thread_that_keeps_ending_is_restarted_less_and_less_often() {
+        let mut source = NvmlSource::new("libnvidia-ml.so.1");
+        let start = Instant::now();
+        assert!(!source.watch_due(start), "no XID log: never");
+        source.xids = Some(Arc::default());
+        assert!(source.watch_due(start), "the first start is at once");
+        // It ends at once each time (nothing to watch): 5, 10, 20, 40, 60, 60 s apart.
+        let mut now = start;
+        let mut gaps = Vec::new();
+        for _ in 0..6 {
+            let mut next = now + Duration::from_secs(1);
+            while !source.watch_due(next) {
+                next += Duration::from_secs(1);
+            }
+            gaps.push((next - now).as_secs());
+            now = next;
+        }
+        assert_eq!(gaps, [5, 10, 20, 40, 60, 60]);
+
+        // One that ran long before ending is restarted after the first delay again.
+        let later = now + Duration::from_secs(600);
+        assert!(source.watch_due(later));
+        assert_eq!(source.next_watch.unwrap().1, NvmlSource::WATCH_RETRY_FIRST);
+
+        // While a re-initialisation waits for the thread, none is started.
+        source.reinit = true;
+        assert!(!source.watch_due(later + Duration::from_secs(3600)));
+    }
 }
