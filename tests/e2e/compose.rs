@@ -443,8 +443,17 @@ fn the_compose_bundle_comes_up_offline_and_closes_the_loop() {
         "{published:?}"
     );
 
+    // The exporter keeps the GPUs it saw in its own volume (no GPU here: it says where).
+    let (_, logs) = project.compose(&["logs", "--no-color", "exporter"]);
+    assert!(
+        logs.contains("GPUs seen are remembered across restarts")
+            && logs.contains("/var/lib/aistack-exporter/gpus.json"),
+        "{logs}"
+    );
+
     // The state survived in the named volume, owned by the actioner's uid.
     let (_, volumes) = project.compose(&["config", "--volumes"]);
+    assert!(volumes.contains("exporter-state"), "{volumes}");
     assert!(volumes.contains("actioner-state"), "{volumes}");
     let volume = format!("{}_actioner-state", project.name);
     let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &volume]);

@@ -649,6 +649,22 @@ fn gpu_is_lost_from_any_call_reads_down() {
     wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 1.0);
 }
 
+/// A GDDR card without a memory sensor may answer the memory temperature field with 0 rather
+/// than NOT_SUPPORTED: no memory at 0 °C on a running GPU, so the series is left out.
+#[test]
+fn a_memory_temperature_of_zero_is_no_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut scenario = recorded("rtx-4080-super.json");
+    scenario["devices"][0]["memory_temperature_celsius"] = serde_json::json!(0);
+    let exporter = start(dir.path(), &scenario);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{RTX}}}"), 1.0);
+    assert!(body.contains("aistack_gpu_temperature_celsius{"), "{body}");
+    assert!(
+        !body.contains("aistack_gpu_memory_temperature_celsius{"),
+        "{body}"
+    );
+}
+
 /// With NVML gone as a whole, the GPUs seen before read down (an eGPU that was the only
 /// GPU), and XID counters stay.
 #[test]

@@ -301,7 +301,8 @@ fn read_device(
         utilization_memory_percent: utilization.as_ref().map(|u| u.memory),
         encoder_utilization_percent,
         decoder_utilization_percent,
-        memory_temperature_celsius: fields.u32(MEMORY_TEMP),
+        // GDDR parts without a memory sensor answer 0 rather than NOT_SUPPORTED.
+        memory_temperature_celsius: fields.u32(MEMORY_TEMP).filter(|&t| t > 0),
         pcie,
         ecc: EccReading {
             corrected_volatile: fields.u64(ECC_SBE_VOL_TOTAL),
