@@ -447,7 +447,7 @@ fn the_compose_bundle_comes_up_offline_and_closes_the_loop() {
     let (_, logs) = project.compose(&["logs", "--no-color", "exporter"]);
     assert!(
         logs.contains("GPUs seen are remembered across restarts")
-            && logs.contains("/var/lib/aistack-exporter/gpus.json"),
+            && logs.contains("/var/lib/aistack/exporter/gpus.json"),
         "{logs}"
     );
 
