@@ -114,12 +114,13 @@ impl Host {
 impl Host {
     /// The eGPU falls off the bus (XID 79, then every call answers GPU_IS_LOST), or is
     /// plugged in again.
-    fn set_gpu_lost(&self, lost: bool) {
+    /// The GPU answers GPU_IS_LOST (or again), the driver having reported `xids` meanwhile.
+    fn set_gpu_lost(&self, lost: bool, xids: &[u64]) {
         let path = self.root.join("scenario.json");
         let mut scenario: Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         scenario["devices"][0]["lost"] = json!(lost);
-        scenario["devices"][0]["xids"] = json!([79]);
+        scenario["devices"][0]["xids"] = json!(xids);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&scenario).unwrap()).unwrap();
         std::fs::rename(tmp, path).unwrap();
@@ -581,7 +582,7 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
     });
 
     let (started, condition) = (Instant::now(), SystemTime::now());
-    stack.host.set_gpu_lost(true);
+    stack.host.set_gpu_lost(true, &[79]);
     wait_for(Duration::from_secs(20), "aistack_gpu_up 0", || {
         (value(&stack, "aistack_gpu_up")? == 0.0).then_some(())
     });
@@ -622,7 +623,7 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
     // re-checks: the GPU API says lost while it is, and answering once it is back.
     let api = stack.exporter.get("/api/v1/gpu");
     assert!(api.body.contains(r#""up":false"#), "{}", api.body);
-    stack.host.set_gpu_lost(false);
+    stack.host.set_gpu_lost(false, &[79]);
     wait_for(Duration::from_secs(20), "aistack_gpu_up 1", || {
         (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
     });
@@ -634,6 +635,68 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
         .filter(|e| e["rule"] == "failover-when-gpu-lost" && e["event"] == "started")
         .count();
     assert_eq!(runs, 1);
+}
+
+/// The GPU stops answering without an XID (GPU_IS_LOST alone: a driver that reports none, a
+/// Thunderbolt link that dropped and came back): the shipped rules fail over, and when the GPU
+/// answers again the alert resolves and `failback-when-gpu-back` brings vLLM back — after its
+/// re-check read every GPU up on the exporter.
+#[test]
+fn a_gpu_that_answers_again_fails_back_to_vllm() {
+    let shipped = std::fs::read_to_string(
+        aistack_tests::workspace_root().join("compose/config/actioner.yaml"),
+    )
+    .unwrap();
+    let rules: String = shipped
+        .lines()
+        .filter(|l| l.contains("AistackGpuLost"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(rules.lines().count(), 2, "{shipped}");
+    let stack = Stack::start(&Options {
+        rules: &rules,
+        docker: false,
+        repair: &[],
+    });
+    wait_for(Duration::from_secs(20), "the GPU seen up", || {
+        (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
+    });
+    stack.host.set_gpu_lost(true, &[]);
+    stack.wait_journal(
+        "failover-when-gpu-lost",
+        "succeeded",
+        Duration::from_secs(40),
+    );
+    assert_eq!(
+        stack.kube.selector("ml", "inference"),
+        json!({"app": "ollama"})
+    );
+
+    let (back, condition) = (Instant::now(), SystemTime::now());
+    stack.host.set_gpu_lost(false, &[]);
+    wait_for(
+        Duration::from_secs(60),
+        "vLLM back behind the Service",
+        || {
+            let vllm = stack.kube.deployment("ml", "vllm");
+            (vllm["status"]["availableReplicas"] == 1
+                && stack.kube.selector("ml", "inference") == json!({"app": "vllm"}))
+            .then_some(())
+        },
+    );
+    report(
+        "egpu back",
+        "GPU answers again -> vLLM serving",
+        back.elapsed(),
+    );
+    stack.report_started("egpu back", "failback-when-gpu-back", condition);
+    let done = stack.wait_journal(
+        "failback-when-gpu-back",
+        "succeeded",
+        Duration::from_secs(5),
+    );
+    assert_eq!(done["alert"]["name"], "AistackGpuLost");
+    assert_eq!(done["alert"]["status"], "resolved");
 }
 
 #[test]
