@@ -35,7 +35,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Plan and journal every action without acting (default false).
     pub dry_run: bool,
-    /// The exporter, for re-checks at action time (default `http://127.0.0.1:9470`).
+    /// The exporter, for re-checks at action time (default `http://127.0.0.1:9470`); with
+    /// `{node}` in it, the exporter of the node the run is about (see [`crate::exporter`]).
     pub exporter_url: String,
     /// Who may call the API.
     pub auth: AuthConfig,
@@ -277,7 +278,11 @@ impl Validate for Config {
             "state_dir",
             format!("must be an absolute path, got {:?}", self.state_dir),
         );
-        check_http_url(problems, "exporter_url", &self.exporter_url);
+        check_http_url(
+            problems,
+            "exporter_url",
+            &crate::exporter::ExporterUrl::new(&self.exporter_url).example(),
+        );
         problems.check(
             self.limits.max_body_bytes >= 1024,
             "limits.max_body_bytes",

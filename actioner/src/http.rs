@@ -383,6 +383,7 @@ async fn wake_relay(
         },
         raw_wake,
         force: false,
+        node: None,
     };
     let manual = match (&request.target, &request.mac) {
         (Some(target), None) => run(Some(target.clone()), None),
@@ -433,6 +434,8 @@ struct TriggerRequest {
     /// Failback only: skip the GPU check.
     #[serde(default)]
     force: bool,
+    /// The node the run is about, where `exporter_url` names `{node}`.
+    node: Option<String>,
 }
 
 async fn trigger(
@@ -465,6 +468,7 @@ async fn trigger(
             },
             raw_wake: None,
             force: request.force,
+            node: request.node,
         })
         .await?;
     answer_outcome(outcome, MANUAL_WAIT, |_| StatusCode::OK).await
@@ -520,6 +524,7 @@ async fn press_button(
             },
             raw_wake: None,
             force: false,
+            node: press.node,
         })
         .await?;
     answer_outcome(outcome, BUTTON_WAIT, |outcome| match outcome {

@@ -82,6 +82,10 @@ pub struct AlertRef {
     pub status: AlertStatus,
     /// When it started firing, as Alertmanager wrote it.
     pub starts_at: String,
+    /// The node it is about (its `host` label, else `instance`'s host), cut to
+    /// [`MAX_ALERT_NAME_BYTES`]: a failback deferred while paused re-checks that node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl AlertRef {
@@ -98,6 +102,9 @@ impl From<&Alert> for AlertRef {
             fingerprint: alert.fingerprint.clone(),
             status: alert.status,
             starts_at: alert.starts_at.clone(),
+            host: alert
+                .host()
+                .map(|h| cut_bytes(&h, MAX_ALERT_NAME_BYTES).to_owned()),
         }
     }
 }

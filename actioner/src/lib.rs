@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod executor;
+pub mod exporter;
 pub mod http;
 pub mod journal;
 pub mod kubernetes;
@@ -113,7 +114,9 @@ pub fn build_actions(config: &Config) -> Result<BuiltActions, StartError> {
     let setup = |action| move |source| StartError::Action { action, source };
     let mut actions: Actions = Actions::new();
     actions.insert(ActionKind::Wake, Arc::new(Wake::new(&config.actions.wake)));
-    let suspend = Suspend::new(&config.actions.suspend, &config.exporter_url, None)
+    let exporter = crate::exporter::ExporterUrl::new(&config.exporter_url);
+    let this_host = config.allowlists().host;
+    let suspend = Suspend::new(&config.actions.suspend, &exporter, &this_host, None)
         .map_err(setup(ActionKind::Suspend))?;
     actions.insert(ActionKind::Suspend, Arc::new(suspend));
     let docker = crate::docker::DockerControl::new(&config.docker.socket);
@@ -124,7 +127,7 @@ pub fn build_actions(config: &Config) -> Result<BuiltActions, StartError> {
             &config.actions.failover,
             docker.clone(),
             kube.clone(),
-            &config.exporter_url,
+            &exporter,
         )
         .map_err(setup(kind))?;
         if let Some(action) = action {

@@ -73,6 +73,8 @@ pub struct ManualRequest {
     pub raw_wake: Option<RawWake>,
     /// A manual failback that skips its GPU check.
     pub force: bool,
+    /// The node it is about, for re-checks on that node's exporter.
+    pub node: Option<String>,
 }
 
 /// Distinct once-only refusals remembered, so that presses repeated in a flood are journaled
@@ -247,6 +249,7 @@ impl Planner {
                     external_url: external_url.clone(),
                     raw_wake: None,
                     force: false,
+                    node: alert.host(),
                 };
                 batch.plan(planned, job, None, budget);
                 receipt.planned += 1;
@@ -300,6 +303,7 @@ impl Planner {
             key,
             plan,
             alert: None,
+            node: skipped.alert.as_ref().and_then(|a| a.host.clone()),
             alert_ref: skipped.alert.clone(),
             external_url: Arc::from(""),
             raw_wake: None,
@@ -367,6 +371,7 @@ impl Planner {
             external_url: Arc::from(""),
             raw_wake: manual.raw_wake,
             force: manual.force,
+            node: manual.node,
         };
         batch.plan(planned, job, Some(tx), budget);
         Ok(rx)

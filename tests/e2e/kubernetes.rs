@@ -27,6 +27,16 @@ fn start(api: FakeKubernetes, kubeconfig: &std::path::Path) -> Setup {
 }
 
 fn start_with(api: FakeKubernetes, kubeconfig: &std::path::Path, fallback_timeout: &str) -> Setup {
+    start_full(api, kubeconfig, fallback_timeout, None)
+}
+
+/// [`start_with`], with `exporter_url` set (else the stand-in exporter's URL).
+fn start_full(
+    api: FakeKubernetes,
+    kubeconfig: &std::path::Path,
+    fallback_timeout: &str,
+    exporter_url: Option<&str>,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let vllm = StubServer::start();
     vllm.set("/health", 200, "");
@@ -60,7 +70,7 @@ actions:
     healthy_timeout: 4s
 "#,
             state = dir.path().join("state").display(),
-            exporter = exporter.url,
+            exporter = exporter_url.unwrap_or(&exporter.url),
             token = dir.path().join("token").display(),
             vllm = vllm.url,
             ollama = ollama.url,
@@ -111,6 +121,11 @@ fn trigger(setup: &Setup, action: &str, body: &str) -> serde_json::Value {
 }
 
 fn webhook(setup: &Setup, status: &str, ends_at: &str) {
+    webhook_from(setup, status, ends_at, "gpu-box:9470");
+}
+
+/// [`webhook`] about the node at `instance`.
+fn webhook_from(setup: &Setup, status: &str, ends_at: &str, instance: &str) {
     let body = json!({
         "version": "4", "status": status, "receiver": "aistack-actioner",
         "groupLabels": {"alertname": "AistackGpuHostWorkload"}, "commonLabels": {}, "commonAnnotations": {},
@@ -118,8 +133,8 @@ fn webhook(setup: &Setup, status: &str, ends_at: &str) {
         "truncatedAlerts": 0,
         "alerts": [{
             "status": status,
-            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": "gpu-box:9470", "gpu": "0"},
-            "annotations": {"summary": "Someone else is using GPU 0 on gpu-box:9470"},
+            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": instance, "gpu": "0"},
+            "annotations": {"summary": format!("Someone else is using GPU 0 on {instance}")},
             "startsAt": "2026-11-22T22:00:00Z", "endsAt": ends_at,
             "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
         }]
@@ -324,6 +339,55 @@ fn failover_frees_the_gpu_and_failback_restores_vllm_through_the_api_server() {
         "{again}"
     );
     assert_allowed_by_the_shipped_role(&setup.api.requests());
+}
+
+/// Two GPU nodes, A (127.0.0.1) and B (127.0.0.2), each with its exporter on one port, and
+/// `exporter_url: http://{node}:PORT`. A game on B fails over from B's alert; failback re-checks
+/// B's exporter — never A's: while B's game runs, failback refuses even though A is free; once
+/// it ends, B's resolution fails back though A now has a game of its own (A's alert, not B's,
+/// is for that).
+#[test]
+fn a_game_on_node_b_fails_over_and_back_by_bs_own_gpu() {
+    let (nodes, port) = StubServer::start_on_nodes(&["127.0.0.1", "127.0.0.2"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.set("/api/v1/gpu", 200, &gpu_report(false));
+    b.set("/api/v1/gpu", 200, &gpu_report(true));
+    let api = ml_mode();
+    let kubeconfig = api.kubeconfig.clone();
+    let pattern = format!("http://{{node}}:{port}");
+    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern));
+    let b_instance = format!("127.0.0.2:{port}");
+
+    webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &b_instance);
+    let end = wait_for_end(&setup, "failover-when-gaming");
+    assert_eq!(end["event"], "succeeded", "{end}");
+
+    // B's game runs on; a person asks to fail back for B: B's exporter says no.
+    let early = trigger(&setup, "failback", r#"{"node": "127.0.0.2"}"#);
+    assert_eq!(early["status"], "skipped", "{early}");
+    assert!(
+        early["detail"].as_str().unwrap().contains("host workload"),
+        "{early}"
+    );
+    // Naming no node, with a pattern: refused, never guessed.
+    let unnamed = trigger(&setup, "failback", "{}");
+    assert_eq!(unnamed["status"], "skipped", "{unnamed}");
+    assert!(
+        unnamed["detail"].as_str().unwrap().contains("names none"),
+        "{unnamed}"
+    );
+    assert_eq!(a.hits("/api/v1/gpu"), 0, "A was never asked about B's game");
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 0);
+
+    // B's game ends and A starts one: B's resolution fails back by B's GPU.
+    b.set("/api/v1/gpu", 200, &gpu_report(false));
+    a.set("/api/v1/gpu", 200, &gpu_report(true));
+    webhook_from(&setup, "resolved", "2026-11-22T23:00:00Z", &b_instance);
+    let end = wait_for_end(&setup, "failback");
+    assert_eq!(end["event"], "succeeded", "{end}");
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
+    assert_eq!(a.hits("/api/v1/gpu"), 0);
+    assert!(b.hits("/api/v1/gpu") >= 2);
 }
 
 #[test]

@@ -139,7 +139,11 @@ pub fn write_secret(path: impl AsRef<Path>, text: impl AsRef<[u8]>) {
 /// Serves `app` on a loopback port from a thread of its own (the stand-ins: ntfy, the
 /// Kubernetes API, the HTTP stubs), for the rest of the test process; returns its base URL.
 pub fn serve(app: axum::Router) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), app)
+}
+
+/// [`serve`] on a listener already bound (a given loopback address and port).
+pub fn serve_on(listener: std::net::TcpListener, app: axum::Router) -> String {
     listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {

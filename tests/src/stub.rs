@@ -50,6 +50,34 @@ impl StubServer {
         Self { routes, url }
     }
 
+    /// One on each loopback address in `hosts` (`127.0.0.1`, `127.0.0.2`, ...: all of
+    /// 127.0.0.0/8 is loopback on Linux), all on one port: stand-ins for one service on several
+    /// nodes, reached through one URL pattern (`http://{node}:PORT`). Returns them and the port.
+    pub fn start_on_nodes(hosts: &[&str]) -> (Vec<Self>, u16) {
+        'port: for _ in 0..50 {
+            let first = std::net::TcpListener::bind((hosts[0], 0)).unwrap();
+            let port = first.local_addr().unwrap().port();
+            let mut listeners = vec![first];
+            for host in &hosts[1..] {
+                match std::net::TcpListener::bind((*host, port)) {
+                    Ok(listener) => listeners.push(listener),
+                    Err(_) => continue 'port,
+                }
+            }
+            let stubs = listeners
+                .into_iter()
+                .map(|listener| {
+                    let routes = Arc::new(Mutex::new(Routes::default()));
+                    let app = Router::new().fallback(answer).with_state(routes.clone());
+                    let url = crate::serve_on(listener, app);
+                    Self { routes, url }
+                })
+                .collect();
+            return (stubs, port);
+        }
+        panic!("no port free on every one of {hosts:?}");
+    }
+
     /// Answers `path` with `status` and `body` from now on.
     pub fn set(&self, path: &str, status: u16, body: &str) {
         self.routes

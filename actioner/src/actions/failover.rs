@@ -36,6 +36,7 @@ use serde::Deserialize;
 
 use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
 use crate::docker::DockerControl;
+use crate::exporter::ExporterUrl;
 use crate::kubernetes::{KubeControl, REPLICAS_BEFORE_FAILOVER};
 use crate::poll;
 use crate::vocab::ActionKind;
@@ -228,7 +229,7 @@ pub struct Failover {
     config: FailoverConfig,
     docker: DockerControl,
     kube: KubeControl,
-    exporter_gpu: String,
+    exporter: ExporterUrl,
     client: reqwest::Client,
 }
 
@@ -240,7 +241,7 @@ impl Failover {
         config: &FailoverConfig,
         docker: DockerControl,
         kube: KubeControl,
-        exporter_url: &str,
+        exporter: &ExporterUrl,
     ) -> Result<Option<Self>, SetupError> {
         if config.missing_section().is_some() {
             return Ok(None);
@@ -250,7 +251,7 @@ impl Failover {
             config: config.clone(),
             docker,
             kube,
-            exporter_gpu: format!("{}{GPU_PATH}", exporter_url.trim_end_matches('/')),
+            exporter: exporter.clone(),
             client: http_client(Duration::from_secs(2), Duration::from_secs(5))?,
         }))
     }
@@ -263,9 +264,9 @@ impl Failover {
         }
     }
 
-    async fn failback(&self, force: bool) -> Result<String, ActionError> {
+    async fn failback(&self, force: bool, node: Option<&str>) -> Result<String, ActionError> {
         if !force {
-            self.gpu_is_free().await?;
+            self.gpu_is_free(node).await?;
         }
         let done = match &self.config.platform {
             Platform::Docker(d) => self.failback_docker(d).await,
@@ -314,22 +315,24 @@ impl Failover {
         ))
     }
 
-    /// Failback's re-check: the exporter shows, positively, that no host workload holds a GPU.
-    async fn gpu_is_free(&self) -> Result<(), ActionError> {
+    /// Failback's re-check: the exporter — of `node`, where `exporter_url` names the node —
+    /// shows, positively, that no host workload holds a GPU.
+    async fn gpu_is_free(&self, node: Option<&str>) -> Result<(), ActionError> {
         let gone = |why: String| {
             ActionError::ConditionGone(format!("cannot confirm the GPU is free: {why}"))
         };
+        let url = self.exporter.url(node, GPU_PATH).map_err(gone)?;
         let response = self
             .client
-            .get(&self.exporter_gpu)
+            .get(&url)
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| gone(format!("{} ({e})", self.exporter_gpu)))?;
+            .map_err(|e| gone(format!("{url} ({e})")))?;
         let report: GpuReport = response
             .json()
             .await
-            .map_err(|e| gone(format!("unexpected answer from {}: {e}", self.exporter_gpu)))?;
+            .map_err(|e| gone(format!("unexpected answer from {url}: {e}")))?;
         report.confirm_free().map_err(|why| {
             if why.starts_with("host workload") {
                 ActionError::ConditionGone(why)
@@ -538,7 +541,10 @@ impl Action for Failover {
         let check = if job.force {
             "skip the GPU check (forced)".to_owned()
         } else {
-            format!("check {} for host workload", self.exporter_gpu)
+            match self.exporter.url(job.node.as_deref(), GPU_PATH) {
+                Ok(url) => format!("check {url} for host workload"),
+                Err(why) => format!("refuse: {why}"),
+            }
         };
         match (&self.config.platform, self.to_fallback) {
             (Platform::Kubernetes(k), true) => format!(
@@ -576,7 +582,7 @@ impl Action for Failover {
         if self.to_fallback {
             Box::pin(self.failover())
         } else {
-            Box::pin(self.failback(job.force))
+            Box::pin(self.failback(job.force, job.node.as_deref()))
         }
     }
 }

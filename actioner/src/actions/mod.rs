@@ -49,6 +49,9 @@ pub struct Job {
     pub raw_wake: Option<RawWake>,
     /// A manual failback that skips the GPU check (`"force": true`).
     pub force: bool,
+    /// The node the run is about, for re-checks on that node's exporter: the alert's host, or
+    /// the one a person named.
+    pub node: Option<String>,
 }
 
 /// What the executor knows when a run begins, from the ledger.

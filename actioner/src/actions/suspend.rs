@@ -23,6 +23,7 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
+use crate::exporter::ExporterUrl;
 use crate::vocab::{ActionKind, AwakeStamp};
 use aistack_common::config::HumanDuration;
 
@@ -78,31 +79,37 @@ impl SuspendMode {
 pub struct Suspend {
     mode: SuspendMode,
     resume_grace: Duration,
-    idle_url: String,
+    /// This host's exporter's idle report, or why it cannot be named.
+    idle_url: Result<String, String>,
     client: reqwest::Client,
     bus_address: Option<String>,
 }
 
 impl Suspend {
-    /// Re-checks with the exporter at `exporter_url`; talks to logind on the system bus, or on
-    /// `bus_address` when given.
+    /// Re-checks with this host's exporter (`exporter` for the node `this_host`: suspend acts
+    /// only for this host); talks to logind on the system bus, or on `bus_address` when given.
     pub fn new(
         config: &SuspendConfig,
-        exporter_url: &str,
+        exporter: &ExporterUrl,
+        this_host: &str,
         bus_address: Option<String>,
     ) -> Result<Self, SetupError> {
         Ok(Self {
             mode: config.mode,
             resume_grace: config.resume_grace.into(),
-            idle_url: format!("{}{IDLE_PATH}", exporter_url.trim_end_matches('/')),
+            idle_url: exporter.url(Some(this_host), IDLE_PATH),
             client: http_client(Duration::from_secs(3), Duration::from_secs(5))?,
             bus_address,
         })
     }
 
     async fn exporter_says_ready(&self) -> Result<(), ActionError> {
-        let response = self.client.get(&self.idle_url).send().await.map_err(|e| {
-            ActionError::ConditionGone(format!("cannot ask the exporter ({}): {e}", self.idle_url))
+        let url = self
+            .idle_url
+            .as_ref()
+            .map_err(|why| ActionError::ConditionGone(format!("cannot ask the exporter: {why}")))?;
+        let response = self.client.get(url).send().await.map_err(|e| {
+            ActionError::ConditionGone(format!("cannot ask the exporter ({url}): {e}"))
         })?;
         if !response.status().is_success() {
             return Err(ActionError::ConditionGone(format!(
@@ -199,7 +206,7 @@ impl Action for Suspend {
         format!(
             "would call logind {}(false) if {} says suspend_ready and no block inhibitor is held",
             self.mode.logind_name(),
-            self.idle_url
+            self.idle_url.as_deref().unwrap_or("the exporter (unnamed)")
         )
     }
 

@@ -134,6 +134,7 @@ fn a_checkpoint_restores_exactly_the_state_it_was_taken_from() {
         fingerprint: "f".into(),
         status: AlertStatus::Resolved,
         starts_at: "2026-11-22T21:00:00Z".into(),
+        host: None,
     };
     ledger.apply(
         JournalEntry::run(

@@ -284,6 +284,7 @@ fn a_button_runs_once_and_not_after_its_alert_resolved() {
             fingerprint: "fp".into(),
             status: AlertStatus::Resolved,
             starts_at: "2026-11-22T21:00:00Z".into(),
+            host: None,
         }),
         ..JournalEntry::new(Event::Received)
     });

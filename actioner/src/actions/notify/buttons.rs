@@ -50,6 +50,9 @@ pub struct Press {
     pub action: ActionKind,
     /// Its target, for actions that take one.
     pub target: Option<String>,
+    /// For actions that take no target (failover, failback): the node the alert was about,
+    /// for re-checks on that node's exporter.
+    pub node: Option<String>,
     /// The journal key: `button:<action>:<target>:<firing>`.
     pub key: RunKey,
     /// The alert firing it is about: `<fingerprint>@<startsAt>`.
@@ -173,7 +176,13 @@ impl Buttons {
                 if !allowed {
                     return None;
                 }
-                let token = self.sign(config.action, target.as_deref(), expires, &firing)?;
+                // An action without a target signs the alert's node in its place.
+                let signed = if config.action.takes_target() {
+                    target.clone()
+                } else {
+                    alert.host()
+                };
+                let token = self.sign(config.action, signed.as_deref(), expires, &firing)?;
                 Some(NtfyAction {
                     action: "http",
                     label: config
@@ -240,9 +249,16 @@ impl Buttons {
         if now > expires {
             return Err(ButtonError::Expired);
         }
+        let slot = (!target.is_empty()).then(|| target.to_owned());
+        let (node, slot) = if action.takes_target() {
+            (None, slot)
+        } else {
+            (slot, None)
+        };
         Ok(Press {
             action,
-            target: (!target.is_empty()).then(|| target.to_owned()),
+            target: slot,
+            node,
             key: RunKey::button(action, Some(target), firing),
             firing: firing.to_owned(),
         })
@@ -336,12 +352,17 @@ mod tests {
             Press {
                 action: ActionKind::Wake,
                 target: Some("gpu-box".into()),
+                node: None,
                 key: RunKey("button:wake:gpu-box:c0ffee1234567890@2026-11-22T21:00:00Z".into()),
                 firing: "c0ffee1234567890@2026-11-22T21:00:00Z".into(),
             }
         );
+        // Failback takes no target: the alert's node rides in its place, for the re-check.
         let press = b.verify(token(&actions[0].url), now()).unwrap();
-        assert_eq!((press.action, press.target), (ActionKind::Failback, None));
+        assert_eq!(
+            (press.action, press.target, press.node.as_deref()),
+            (ActionKind::Failback, None, Some("gpu-box"))
+        );
     }
 
     #[test]

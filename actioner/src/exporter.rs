@@ -1,0 +1,135 @@
+//! Which exporter a re-check asks. `exporter_url` is one URL (the exporter beside the actioner)
+//! or, for several GPU nodes, a pattern with `{node}`: the node the run is about — the alert's
+//! `host` label, else the host part of its `instance` — so a game on node B fails back by B's
+//! own GPU, not by the GPU of whatever node the actioner runs on.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The placeholder for the node in `exporter_url`.
+pub const NODE: &str = "{node}";
+
+/// Longest node name taken from an alert (a DNS name's limit).
+const MAX_NODE_BYTES: usize = 253;
+
+/// `exporter_url` as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExporterUrl {
+    base: String,
+}
+
+impl ExporterUrl {
+    /// `url`, without a trailing `/`.
+    pub fn new(url: &str) -> Self {
+        Self {
+            base: url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// Whether it names the node.
+    pub fn per_node(&self) -> bool {
+        self.base.contains(NODE)
+    }
+
+    /// `path` on the exporter of `node`. With a pattern, a run that names no node, or names
+    /// one that is not a host name or an IP address, gets why not (it is never guessed).
+    pub fn url(&self, node: Option<&str>, path: &str) -> Result<String, String> {
+        if !self.per_node() {
+            return Ok(format!("{}{path}", self.base));
+        }
+        let node = node.ok_or_else(|| {
+            format!(
+                "exporter_url names the node ({}) and this run names none: run it from the node's alert, or pass \"node\"",
+                self.base
+            )
+        })?;
+        let host = url_host(node).ok_or_else(|| format!("{node:?} is not a node name"))?;
+        Ok(format!("{}{path}", self.base.replace(NODE, &host)))
+    }
+
+    /// What the config check parses: the pattern with a node filled in.
+    pub fn example(&self) -> String {
+        self.base.replace(NODE, "node.example")
+    }
+}
+
+/// `node` as the host of a URL: a DNS name or an IPv4 address as it is, an IPv6 address in
+/// brackets; `None` for anything else (a `/`, `@` or `?` could point the request elsewhere).
+fn url_host(node: &str) -> Option<String> {
+    if node.is_empty() || node.len() > MAX_NODE_BYTES {
+        return None;
+    }
+    if node.parse::<Ipv4Addr>().is_ok() {
+        return Some(node.to_owned());
+    }
+    if let Ok(v6) = node
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<Ipv6Addr>()
+    {
+        return Some(format!("[{v6}]"));
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    node.split('.').all(label_ok).then(|| node.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_url_is_the_same_for_every_run() {
+        let url = ExporterUrl::new("http://127.0.0.1:9470/");
+        assert!(!url.per_node());
+        assert_eq!(
+            url.url(None, "/api/v1/gpu").unwrap(),
+            "http://127.0.0.1:9470/api/v1/gpu"
+        );
+        assert_eq!(
+            url.url(Some("gpu-b"), "/api/v1/gpu").unwrap(),
+            "http://127.0.0.1:9470/api/v1/gpu"
+        );
+    }
+
+    #[test]
+    fn a_pattern_asks_the_node_the_run_is_about() {
+        let url = ExporterUrl::new("http://{node}:9470");
+        assert!(url.per_node());
+        for (node, want) in [
+            ("gpu-b", "http://gpu-b:9470/api/v1/gpu"),
+            ("gpu-b.lan", "http://gpu-b.lan:9470/api/v1/gpu"),
+            ("10.0.0.7", "http://10.0.0.7:9470/api/v1/gpu"),
+            ("fd00::7", "http://[fd00::7]:9470/api/v1/gpu"),
+            ("[fd00::7]", "http://[fd00::7]:9470/api/v1/gpu"),
+        ] {
+            assert_eq!(url.url(Some(node), "/api/v1/gpu").unwrap(), want, "{node}");
+        }
+        let why = url.url(None, "/api/v1/gpu").unwrap_err();
+        assert!(why.contains("names none"), "{why}");
+    }
+
+    #[test]
+    fn a_node_that_could_point_elsewhere_is_refused() {
+        let url = ExporterUrl::new("http://{node}:9470");
+        for node in [
+            "",
+            "evil.example/x?",
+            "user@evil.example",
+            "gpu-b:80",
+            "a..b",
+            "-gpu",
+            "gpu b",
+            "gpu-b#",
+            &"a".repeat(300),
+        ] {
+            assert!(url.url(Some(node), "/api/v1/gpu").is_err(), "{node:?}");
+        }
+    }
+}
