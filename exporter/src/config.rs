@@ -55,6 +55,8 @@ pub struct GpuConfig {
     /// Where the GPUs seen are remembered across restarts (default `$STATE_DIRECTORY/gpus.json`
     /// when systemd or the container sets `STATE_DIRECTORY`, else nowhere). Empty: nowhere.
     pub state_file: Option<PathBuf>,
+    /// UUIDs to drop from the roster file: GPUs removed for good.
+    pub forget: Vec<String>,
 }
 
 impl Default for GpuConfig {
@@ -62,6 +64,7 @@ impl Default for GpuConfig {
         Self {
             nvml_library: "libnvidia-ml.so.1".into(),
             state_file: None,
+            forget: Vec::new(),
         }
     }
 }
@@ -244,6 +247,13 @@ impl Validate for Config {
             "gpu.nvml_library",
             "must not be empty",
         );
+        if let Some(file) = &self.gpu.state_file {
+            problems.check(
+                file.as_os_str().is_empty() || file.is_absolute(),
+                "gpu.state_file",
+                format!("must be an absolute path (or \"\" for none), got {file:?}"),
+            );
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].{key}");
@@ -294,6 +304,28 @@ mod tests {
             }
         );
         assert_eq!(config.power_estimation.baseline_watts, 30.0);
+    }
+
+    #[test]
+    fn the_gpu_roster_file_from_the_config_or_the_state_directory() {
+        let os = |s: &str| std::ffi::OsString::from(s);
+        let config: Config = parse("").unwrap();
+        assert_eq!(config.gpu.roster_file(None), None);
+        assert_eq!(
+            config
+                .gpu
+                .roster_file(Some(&os("/var/lib/aistack/exporter:/var/lib/other"))),
+            Some(PathBuf::from("/var/lib/aistack/exporter/gpus.json"))
+        );
+        let config: Config = parse("gpu: {state_file: /srv/gpus.json}").unwrap();
+        assert_eq!(
+            config.gpu.roster_file(Some(&os("/var/lib/x"))),
+            Some(PathBuf::from("/srv/gpus.json"))
+        );
+        let config: Config = parse("gpu: {state_file: ''}").unwrap();
+        assert_eq!(config.gpu.roster_file(Some(&os("/var/lib/x"))), None);
+        let err = parse::<Config>("gpu: {state_file: gpus.json}").unwrap_err();
+        assert!(format!("{err:?}").contains("gpu.state_file"), "{err:?}");
     }
 
     #[test]

@@ -185,7 +185,7 @@ fn gpu(
         .roster_file(std::env::var_os("STATE_DIRECTORY").as_deref())
     {
         tracing::info!(collector = "gpu", path = %file.display(), "GPUs seen are remembered across restarts");
-        gpu = gpu.with_roster_file(file);
+        gpu = gpu.with_roster_file(file, &config.gpu.forget);
     }
     Ok(match containers {
         Some(docker) => gpu.with_containers(docker.subscribe(), config.discovery.docker),

@@ -622,6 +622,14 @@ fn an_unplugged_egpus_xid_stays_on_the_egpu_and_a_restart_remembers_it() {
         .collect();
     assert_eq!(lost, ["GPU-e9e9e9e9-0000-0000-0000-000000000001"], "{api}");
     parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+
+    // Plugged in again: the remembered GPU is looked for (NVML re-initialised) and found.
+    write_scenario(&scenario, &both);
+    let body = wait_for_value(&exporter, &format!("aistack_gpu_up{{{EGPU}}}"), 1.0);
+    assert!(
+        body.contains(&format!("aistack_gpu_info{{{EGPU}")),
+        "{body}"
+    );
 }
 
 /// GPU_IS_LOST from a call after the GPU's name and UUID answered (the reference allows it from

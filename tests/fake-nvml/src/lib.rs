@@ -231,7 +231,15 @@ fn with_device(
     else {
         return ERROR_INVALID_ARGUMENT;
     };
-    if device.lost || device.lost_calls.iter().any(|c| c == call) {
+    // Lost as the scenario says now, not as of the last device count: a GPU falls off the bus
+    // between two samples, and the XID thread must see it lost at once, as with the real driver.
+    let now = load_cached();
+    let current = device
+        .uuid
+        .as_ref()
+        .and_then(|u| now.devices.iter().find(|d| d.uuid.as_ref() == Some(u)))
+        .unwrap_or(device);
+    if current.lost || current.lost_calls.iter().any(|c| c == call) {
         return ERROR_GPU_IS_LOST;
     }
     f(device)

@@ -13,9 +13,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -173,6 +174,8 @@ pub struct GpuHealth {
     xids: std::sync::Arc<XidLog>,
     /// Where the roster is kept, if anywhere.
     file: Option<PathBuf>,
+    /// Held while the file is written: one write at a time.
+    writing: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -181,8 +184,12 @@ struct Roster {
     /// GPUs from the file, joining the roster (as down, until they answer) at the first read:
     /// before it nothing is known, and the exporter shows no GPU rather than all of them down.
     remembered: Vec<KnownGpu>,
-    /// The roster gained a GPU since it was last written.
+    /// The roster changed (a GPU joined or left, one's index or name) since it was written.
     unsaved: bool,
+    /// After a failed write: not before then again, and the wait after that.
+    retry: Option<(Instant, Duration)>,
+    /// A GPU was left out for want of room (warned once).
+    full_warned: bool,
 }
 
 impl Roster {
@@ -193,20 +200,58 @@ impl Roster {
             }
         }
     }
+
+    /// Room for one more GPU: a GPU that answers wins over one that does not, so a roster full
+    /// of GPUs long gone still takes a new card.
+    fn make_room(&mut self) -> bool {
+        if self.gpus.len() < MAX_KNOWN_GPUS {
+            return true;
+        }
+        let down = self.gpus.values().find(|g| !g.up).map(|g| g.uuid.clone());
+        match down {
+            Some(uuid) => {
+                tracing::warn!(collector = "gpu", %uuid, max = MAX_KNOWN_GPUS, "GPU roster full: forgetting a GPU that does not answer");
+                self.gpus.remove(&uuid);
+                true
+            }
+            None => {
+                if !std::mem::replace(&mut self.full_warned, true) {
+                    tracing::warn!(
+                        collector = "gpu",
+                        max = MAX_KNOWN_GPUS,
+                        "GPU roster full of answering GPUs: a new GPU is left out of gpu_up"
+                    );
+                }
+                false
+            }
+        }
+    }
 }
 
+/// The wait after a failed roster write, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// The largest roster file read (64 GPUs take about 16 KiB).
+const MAX_ROSTER_BYTES: u64 = 1 << 20;
+
 impl GpuHealth {
-    /// A roster kept in `file` (`None`: in memory only), starting from what the file holds.
-    /// A file that cannot be read is reported and replaced at the next write.
-    pub fn new(file: Option<PathBuf>) -> Self {
-        let remembered = file.as_deref().map(load_roster).unwrap_or_default();
+    /// A roster kept in `file` (`None`: in memory only), starting from what the file holds
+    /// less the UUIDs in `forget`. A file that cannot be read is reported and replaced at the
+    /// next write.
+    pub fn new(file: Option<PathBuf>, forget: &[String]) -> Self {
+        let mut remembered = file.as_deref().map(load_roster).unwrap_or_default();
+        let before = remembered.len();
+        remembered.retain(|g| !forget.contains(&g.uuid));
         Self {
             roster: Mutex::new(Roster {
+                unsaved: remembered.len() != before,
                 remembered,
                 ..Roster::default()
             }),
             xids: std::sync::Arc::default(),
             file,
+            writing: Mutex::new(()),
         }
     }
 
@@ -215,8 +260,17 @@ impl GpuHealth {
         self.xids.clone()
     }
 
+    /// The UUIDs from the roster file not yet seen in this run.
+    pub fn remembered(&self) -> Vec<String> {
+        lock(&self.roster)
+            .remembered
+            .iter()
+            .map(|g| g.uuid.clone())
+            .collect()
+    }
+
     /// After a read: `present` (index, UUID, name) answered; every other GPU seen before did
-    /// not. True when the roster gained a GPU (see [`GpuHealth::save`]).
+    /// not. True when the roster file is due a write (see [`GpuHealth::save`]).
     pub fn observe<'a>(&self, present: impl IntoIterator<Item = (u32, &'a str, &'a str)>) -> bool {
         let mut roster = lock(&self.roster);
         roster.join_remembered();
@@ -225,11 +279,14 @@ impl GpuHealth {
         }
         for (index, uuid, name) in present {
             if let Some(gpu) = roster.gpus.get_mut(uuid) {
-                (gpu.index, gpu.up) = (index, true);
-                if gpu.name != name {
+                let changed = gpu.index != index || gpu.name != name;
+                if changed {
+                    gpu.index = index;
                     name.clone_into(&mut gpu.name);
                 }
-            } else if roster.gpus.len() < MAX_KNOWN_GPUS {
+                gpu.up = true;
+                roster.unsaved |= changed;
+            } else if roster.make_room() {
                 let gpu = KnownGpu {
                     index,
                     uuid: uuid.to_owned(),
@@ -240,7 +297,8 @@ impl GpuHealth {
                 roster.unsaved = true;
             }
         }
-        roster.unsaved && self.file.is_some()
+        let due = roster.retry.is_none_or(|(at, _)| Instant::now() >= at);
+        roster.unsaved && due && self.file.is_some()
     }
 
     /// NVML as a whole stopped answering: no GPU is up.
@@ -252,13 +310,15 @@ impl GpuHealth {
         }
     }
 
-    /// Writes the roster to its file if it gained a GPU since the last write: a new file
-    /// beside it, synced, renamed over it, so a crash leaves the old roster or the new one.
-    /// Blocking file I/O: call it off the async runtime.
+    /// Writes the roster to its file if it changed since the last write: a new file beside it,
+    /// synced, renamed over it, so a crash leaves the old roster or the new one. After a failed
+    /// write the next is tried 10 s later, then less often, up to every 10 minutes. Blocking
+    /// file I/O: call it off the async runtime (and off the sample: a sync can wait long).
     pub fn save(&self) -> io::Result<()> {
         let Some(path) = &self.file else {
             return Ok(());
         };
+        let _writing = lock(&self.writing);
         let gpus = {
             let mut roster = lock(&self.roster);
             if !roster.unsaved {
@@ -268,9 +328,16 @@ impl GpuHealth {
             roster.gpus.values().cloned().collect()
         };
         let written = write_roster(path, &RosterFile { gpus });
-        if written.is_err() {
-            // Try again after the next read.
-            lock(&self.roster).unsaved = true;
+        let mut roster = lock(&self.roster);
+        match &written {
+            Ok(()) => roster.retry = None,
+            Err(_) => {
+                roster.unsaved = true;
+                let delay = roster
+                    .retry
+                    .map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
+                roster.retry = Some((Instant::now() + delay, delay));
+            }
         }
         written
     }
@@ -289,7 +356,15 @@ impl GpuHealth {
 /// The GPUs in the roster file; none (and a warning, unless it does not exist yet) when it
 /// cannot be read.
 fn load_roster(path: &Path) -> Vec<KnownGpu> {
-    let read = std::fs::read(path).and_then(|bytes| {
+    let read = std::fs::File::open(path).and_then(|file| {
+        let mut bytes = Vec::new();
+        file.take(MAX_ROSTER_BYTES + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_ROSTER_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than {MAX_ROSTER_BYTES} bytes"),
+            ));
+        }
         serde_json::from_slice::<RosterFile>(&bytes)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
     });
@@ -307,13 +382,28 @@ fn load_roster(path: &Path) -> Vec<KnownGpu> {
     }
 }
 
+/// Writes `roster` to `path` through a new file of this process beside it (created, never
+/// opened through a link someone left there), synced, then renamed over `path`.
 fn write_roster(path: &Path, roster: &RosterFile) -> io::Result<()> {
     let mut text = serde_json::to_vec_pretty(roster).map_err(io::Error::other)?;
     text.push(b'\n');
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp)?;
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+    };
+    let mut file = match create() {
+        // Left by a crash of a process with this pid: ours to replace.
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&tmp)?;
+            create()?
+        }
+        other => other?,
+    };
     let written = file
         .write_all(&text)
         .and_then(|()| file.sync_all())
@@ -322,9 +412,13 @@ fn write_roster(path: &Path, roster: &RosterFile) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    // The rename is durable once the directory is.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
+    // The rename is durable once the directory is; a file system that cannot sync a
+    // directory (EINVAL on some FUSE mounts) still has the file renamed.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Err(err) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+        && err.kind() != io::ErrorKind::InvalidInput
+    {
+        return Err(err);
     }
     Ok(())
 }
@@ -452,13 +546,13 @@ mod tests {
     fn a_restart_remembers_the_gpus_seen_before_from_the_roster_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gpus.json");
-        let health = GpuHealth::new(Some(path.clone()));
+        let health = GpuHealth::new(Some(path.clone()), &[]);
         assert!(health.observe([(0, "GPU-a", "A"), (1, "GPU-egpu", "eGPU")]));
         health.save().unwrap();
         assert!(!health.observe([(0, "GPU-a", "A")]), "nothing new to write");
 
         // The eGPU is unplugged, then the exporter restarts.
-        let restarted = GpuHealth::new(Some(path.clone()));
+        let restarted = GpuHealth::new(Some(path.clone()), &[]);
         assert!(
             state(&restarted).is_empty(),
             "nothing is known before the first read"
@@ -474,7 +568,7 @@ mod tests {
 
         // Deleting the file forgets it.
         std::fs::remove_file(&path).unwrap();
-        let forgotten = GpuHealth::new(Some(path));
+        let forgotten = GpuHealth::new(Some(path), &[]);
         forgotten.observe([(0, "GPU-a", "A")]);
         assert_eq!(state(&forgotten), [("GPU-a".to_owned(), true)]);
     }
@@ -484,17 +578,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gpus.json");
         std::fs::write(&path, b"{not json").unwrap();
-        let health = GpuHealth::new(Some(path.clone()));
+        let health = GpuHealth::new(Some(path.clone()), &[]);
         assert!(health.observe([(0, "GPU-a", "A")]));
         health.save().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("GPU-a"), "{text}");
 
-        // A directory that is gone: the write fails, the roster stays, and is retried.
+        // A directory that is gone: the write fails, the roster stays, and is retried — not
+        // at every read: 10 s later at the soonest.
         let gone = dir.path().join("gone").join("gpus.json");
-        let health = GpuHealth::new(Some(gone.clone()));
-        health.observe([(0, "GPU-a", "A")]);
+        let health = GpuHealth::new(Some(gone.clone()), &[]);
+        assert!(health.observe([(0, "GPU-a", "A")]));
         assert!(health.save().is_err());
+        assert!(!health.observe([(0, "GPU-a", "A")]), "not due again yet");
         assert_eq!(state(&health), [("GPU-a".to_owned(), true)]);
         std::fs::create_dir(gone.parent().unwrap()).unwrap();
         health.save().unwrap();
@@ -504,5 +600,73 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, ["gpus.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn forgotten_gpus_leave_the_file_and_a_new_name_or_index_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.json");
+        let health = GpuHealth::new(Some(path.clone()), &[]);
+        health.observe([(0, "GPU-a", "A"), (1, "GPU-gone", "Old card")]);
+        health.save().unwrap();
+        assert!(!health.observe([(0, "GPU-a", "A"), (1, "GPU-gone", "Old card")]));
+        assert!(
+            health.observe([(1, "GPU-a", "A renamed")]),
+            "index and name changes are written"
+        );
+        health.save().unwrap();
+
+        let restarted = GpuHealth::new(Some(path.clone()), &["GPU-gone".to_owned()]);
+        assert_eq!(restarted.remembered(), ["GPU-a"]);
+        assert!(
+            restarted.observe([(1, "GPU-a", "A renamed")]),
+            "the file is rewritten"
+        );
+        restarted.save().unwrap();
+        assert_eq!(state(&restarted), [("GPU-a".to_owned(), true)]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("GPU-gone") && text.contains("A renamed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_full_roster_gives_a_gone_gpus_place_to_a_new_one() {
+        let health = GpuHealth::default();
+        let names: Vec<String> = (0..MAX_KNOWN_GPUS).map(|i| format!("GPU-{i}")).collect();
+        health.observe(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (i as u32, u.as_str(), "X")),
+        );
+        // All answer: a new one is left out.
+        let mut present: Vec<(u32, &str, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (i as u32, u.as_str(), "X"))
+            .collect();
+        present.push((99, "GPU-new", "New"));
+        health.observe(present.iter().copied());
+        assert!(!health.snapshot().gpus.iter().any(|g| g.uuid == "GPU-new"));
+        // One is gone: the new one takes its place.
+        present.remove(0);
+        health.observe(present.iter().copied());
+        let snapshot = health.snapshot();
+        assert_eq!(snapshot.gpus.len(), MAX_KNOWN_GPUS);
+        assert!(snapshot.gpus.iter().any(|g| g.uuid == "GPU-new" && g.up));
+        assert!(!snapshot.gpus.iter().any(|g| g.uuid == "GPU-0"));
+    }
+
+    #[test]
+    fn an_oversized_roster_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.json");
+        let mut big = br#"{"gpus":[],"pad":""#.to_vec();
+        big.resize(2 << 20, b' ');
+        std::fs::write(&path, big).unwrap();
+        let health = GpuHealth::new(Some(path), &[]);
+        assert!(health.remembered().is_empty());
     }
 }

@@ -229,6 +229,10 @@ pub trait GpuSource: Send + 'static {
 
     /// Where to count XID errors, for a source that can watch for them (NVML's event sets).
     fn watch_xids(&mut self, _log: Arc<XidLog>) {}
+
+    /// GPUs seen before this start (from the roster file): one of them missing is looked for
+    /// as one seen in this run would be.
+    fn remember(&mut self, _uuids: &[String]) {}
 }
 
 /// NVML clock-event reason bits and their `reason` label.
@@ -895,14 +899,17 @@ impl GpuCollector {
         }
     }
 
-    /// Remembers the GPUs seen in `file`, so one lost stays `gpu_up 0` across restarts.
-    pub fn with_roster_file(mut self, file: PathBuf) -> Self {
-        self.health = Arc::new(GpuHealth::new(Some(file)));
-        self.inner
+    /// Remembers the GPUs seen in `file`, so one lost stays `gpu_up 0` across restarts (and
+    /// is looked for until it answers); `forget` are UUIDs to drop from it.
+    pub fn with_roster_file(mut self, file: PathBuf, forget: &[String]) -> Self {
+        self.health = Arc::new(GpuHealth::new(Some(file), forget));
+        let mut inner = self
+            .inner
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .source
-            .watch_xids(self.health.xid_log());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.source.watch_xids(self.health.xid_log());
+        inner.source.remember(&self.health.remembered());
+        drop(inner);
         self
     }
 
@@ -1042,14 +1049,13 @@ impl Collector for GpuCollector {
                     (r.index, r.uuid.as_str(), r.name.as_str())
                 }));
                 if gained {
+                    // Off the sample: a sync behind a large write-back can take seconds.
                     let health = self.health.clone();
-                    blocking(move || {
+                    tokio::task::spawn_blocking(move || {
                         if let Err(err) = health.save() {
-                            tracing::warn!(collector = "gpu", error = %err, "cannot write the GPU roster; a restart would forget a GPU lost meanwhile");
+                            tracing::warn!(collector = "gpu", error = %err, "cannot write the GPU roster (retrying later); a restart would forget a GPU lost meanwhile");
                         }
-                        Ok(())
-                    })
-                    .await?;
+                    });
                 }
                 sample.health = self.health.snapshot();
                 Ok(sample)

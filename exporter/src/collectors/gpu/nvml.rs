@@ -126,11 +126,17 @@ impl NvmlSource {
         {
             return false;
         }
+        let lived = self.watcher.as_ref().and_then(XidWatcher::lifetime);
+        self.watch_due_after(now, lived)
+    }
+
+    /// [`NvmlSource::watch_due`] once the last thread (if any) ended after living `lived`.
+    fn watch_due_after(&mut self, now: Instant, lived: Option<Duration>) -> bool {
         let delay = match self.next_watch {
             Some((at, _)) if now < at => return false,
-            // The last thread lived past its retry delay: it ended for a reason of its own (a
-            // GPU lost), not for want of anything to watch.
-            Some((at, delay)) if now.saturating_duration_since(at) < delay => {
+            // One that lived past its retry delay ended for a reason of its own (a GPU lost),
+            // not for want of anything to watch: the first delay again.
+            Some((_, delay)) if lived.is_none_or(|l| l < delay) => {
                 (delay * 2).min(Self::WATCH_RETRY_MAX)
             }
             _ => Self::WATCH_RETRY_FIRST,
@@ -240,6 +246,11 @@ fn read_device(
     let memory = f.get("memory_info", device.memory_info());
     let utilization = f.get("utilization", device.utilization_rates());
     let fields = HealthFields::read(&mut f, device);
+    // Lost: every further call would answer the same, each after the driver's own wait.
+    if f.lost || fields.lost {
+        tracing::debug!(collector = "gpu", gpu = index, %uuid, "GPU is lost: left out");
+        return None;
+    }
     let fans = f.get("num_fans", device.num_fans()).unwrap_or(0);
     let fan_speeds_percent = (0..fans)
         .filter_map(|fan| f.get("fan_speed", device.fan_speed(fan)))
@@ -498,6 +509,10 @@ impl GpuSource for NvmlSource {
     fn watch_xids(&mut self, log: Arc<XidLog>) {
         self.xids = Some(log);
     }
+
+    fn remember(&mut self, uuids: &[String]) {
+        self.seen.extend(uuids.iter().cloned());
+    }
 }
 
 /// How long one event wait lasts: the most a stop waits for the thread.
@@ -512,8 +527,11 @@ pub struct XidWatcher {
     stop: Arc<AtomicBool>,
     /// When it was asked to stop.
     stopping_since: std::sync::OnceLock<Instant>,
-    /// Gets `()` once the thread has dropped its library handle (disconnected if it never ran).
-    done: mpsc::Receiver<()>,
+    /// Gets the time the thread ended, once it has dropped its library handle (disconnected
+    /// if it never ran).
+    done: mpsc::Receiver<Instant>,
+    started: Instant,
+    ended_at: std::sync::OnceLock<Instant>,
 }
 
 impl XidWatcher {
@@ -529,7 +547,7 @@ impl XidWatcher {
                 watch(&nvml, &log, &gpus, &stop_in);
                 // The handle goes first: whoever sees "ended" may shut NVML down.
                 drop(nvml);
-                let _ = tx.send(());
+                let _ = tx.send(Instant::now());
             });
         if let Err(err) = spawned {
             tracing::warn!(collector = "gpu", error = %err, "cannot start the XID event thread");
@@ -538,12 +556,38 @@ impl XidWatcher {
             stop,
             stopping_since: std::sync::OnceLock::new(),
             done,
+            started: Instant::now(),
+            ended_at: std::sync::OnceLock::new(),
         }
     }
 
     /// Whether the thread has ended (on its own or told to) and let go of the library.
     pub fn ended(&self) -> bool {
-        !matches!(self.done.try_recv(), Err(mpsc::TryRecvError::Empty))
+        if self.ended_at.get().is_some() {
+            return true;
+        }
+        match self.done.try_recv() {
+            Ok(at) => {
+                let _ = self.ended_at.set(at);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            // It never ran.
+            Err(mpsc::TryRecvError::Disconnected) => {
+                let _ = self.ended_at.set(self.started);
+                true
+            }
+        }
+    }
+
+    /// How long it ran, once it has ended.
+    pub fn lifetime(&self) -> Option<Duration> {
+        if !self.ended() {
+            return None;
+        }
+        self.ended_at
+            .get()
+            .map(|end| end.saturating_duration_since(self.started))
     }
 
     /// Tells the thread to end after its current wait, without waiting for it.
@@ -565,7 +609,9 @@ impl XidWatcher {
     pub fn stop(self, patience: Duration) {
         self.ask_to_stop(Instant::now());
         let patience = patience.saturating_sub(self.stopping_for(Instant::now()));
-        if let Err(mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(patience) {
+        if self.ended_at.get().is_none()
+            && let Err(mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(patience)
+        {
             tracing::warn!(
                 collector = "gpu",
                 "the XID event thread is stuck in the driver; leaving it"
@@ -617,10 +663,12 @@ fn watch(nvml: &Nvml, log: &XidLog, gpus: &BTreeSet<String>, stop: &AtomicBool) 
 /// one, so an unplugged eGPU's XID 79 does not mark the GPU beside it lost. `device`'s raw
 /// handle would say it directly, but nvml-wrapper hands it out only through `unsafe`.
 fn event_gpus<'w>(device: &Device<'_>, watched: &'w [(Device<'_>, String)]) -> Vec<&'w str> {
-    if let Ok(uuid) = device.uuid()
-        && let Some((_, uuid)) = watched.iter().find(|(_, w)| *w == uuid)
-    {
-        return vec![uuid.as_str()];
+    if let Ok(uuid) = device.uuid() {
+        if let Some((_, uuid)) = watched.iter().find(|(_, w)| *w == uuid) {
+            return vec![uuid.as_str()];
+        }
+        tracing::warn!(collector = "gpu", %uuid, "XID error from a GPU that is not watched: not counted");
+        return Vec::new();
     }
     let silent: Vec<&str> = watched
         .iter()
@@ -730,12 +778,13 @@ mod tests {
         assert!(!source.watch_due(start), "no XID log: never");
         source.xids = Some(Arc::default());
         assert!(source.watch_due(start), "the first start is at once");
-        // It ends at once each time (nothing to watch): 5, 10, 20, 40, 60, 60 s apart.
+        // It ends at once each time (nothing to watch): 5, 10, 20, 40, 60, 60 s apart, however
+        // seldom reads come (the lifetime is the thread's own, not when a read noticed).
         let mut now = start;
         let mut gaps = Vec::new();
         for _ in 0..6 {
             let mut next = now + Duration::from_secs(1);
-            while !source.watch_due(next) {
+            while !source.watch_due_after(next, Some(Duration::from_millis(1))) {
                 next += Duration::from_secs(1);
             }
             gaps.push((next - now).as_secs());
@@ -745,7 +794,7 @@ mod tests {
 
         // One that ran long before ending is restarted after the first delay again.
         let later = now + Duration::from_secs(600);
-        assert!(source.watch_due(later));
+        assert!(source.watch_due_after(later, Some(Duration::from_secs(540))));
         assert_eq!(source.next_watch.unwrap().1, NvmlSource::WATCH_RETRY_FIRST);
 
         // While a re-initialisation waits for the thread, none is started.
