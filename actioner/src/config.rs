@@ -38,6 +38,9 @@ pub struct Config {
     /// The exporter, for re-checks at action time (default `http://127.0.0.1:9470`); with
     /// `{node}` in it, the exporter of the node the run is about (see [`crate::exporter`]).
     pub exporter_url: String,
+    /// With `{node}` in `exporter_url`: nodes a failback re-checks besides the run's own, so
+    /// one vLLM/Ollama pair for the cluster comes back only when no GPU node has a game.
+    pub gpu_nodes: Vec<String>,
     /// Who may call the API.
     pub auth: AuthConfig,
     /// Request limits.
@@ -57,6 +60,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/aistack/actioner"),
             dry_run: false,
             exporter_url: "http://127.0.0.1:9470".into(),
+            gpu_nodes: Vec::new(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             rules: Vec::new(),
@@ -278,11 +282,30 @@ impl Validate for Config {
             "state_dir",
             format!("must be an absolute path, got {:?}", self.state_dir),
         );
-        check_http_url(
-            problems,
-            "exporter_url",
-            &crate::exporter::ExporterUrl::new(&self.exporter_url).example(),
-        );
+        let exporter = crate::exporter::ExporterUrl::new(&self.exporter_url);
+        check_http_url(problems, "exporter_url", &exporter.example());
+        for (i, node) in self.gpu_nodes.iter().enumerate() {
+            problems.check(
+                crate::exporter::valid_node(node),
+                format!("gpu_nodes[{i}]"),
+                format!("{node:?} is not a host name or an IP address"),
+            );
+        }
+        if !self.gpu_nodes.is_empty() && !exporter.per_node() {
+            problems.push(
+                "gpu_nodes",
+                "needs {node} in exporter_url (without it every re-check asks the one exporter)",
+            );
+        }
+        if exporter.per_node()
+            && let Some(host) = &self.host
+        {
+            problems.check(
+                crate::exporter::valid_node(host),
+                "host",
+                format!("{host:?} cannot name this node in exporter_url's {{node}} (suspend re-checks there)"),
+            );
+        }
         problems.check(
             self.limits.max_body_bytes >= 1024,
             "limits.max_body_bytes",

@@ -1,7 +1,9 @@
 //! Which exporter a re-check asks. `exporter_url` is one URL (the exporter beside the actioner)
 //! or, for several GPU nodes, a pattern with `{node}`: the node the run is about — the alert's
 //! `host` label, else the host part of its `instance` — so a game on node B fails back by B's
-//! own GPU, not by the GPU of whatever node the actioner runs on.
+//! own GPU, not by the GPU of whatever node the actioner runs on. `gpu_nodes` lists nodes a
+//! failback also checks: with one vLLM/Ollama pair for the cluster, vLLM comes back only when
+//! no GPU node has a game, wherever its Deployment may land.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -33,6 +35,31 @@ impl ExporterUrl {
     /// `path` on the exporter of `node`. With a pattern, a run that names no node, or names
     /// one that is not a host name or an IP address, gets why not (it is never guessed).
     pub fn url(&self, node: Option<&str>, path: &str) -> Result<String, String> {
+        self.urls(node, &[], path).map(|mut urls| urls.remove(0))
+    }
+
+    /// `path` on the exporter of `node`, then on those of `others` (without repeats); without a
+    /// pattern, the one exporter.
+    pub fn urls(
+        &self,
+        node: Option<&str>,
+        others: &[String],
+        path: &str,
+    ) -> Result<Vec<String>, String> {
+        if !self.per_node() {
+            return Ok(vec![format!("{}{path}", self.base)]);
+        }
+        let mut urls = vec![self.one(node, path)?];
+        for other in others {
+            let url = self.one(Some(other), path)?;
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        Ok(urls)
+    }
+
+    fn one(&self, node: Option<&str>, path: &str) -> Result<String, String> {
         if !self.per_node() {
             return Ok(format!("{}{path}", self.base));
         }
@@ -52,8 +79,15 @@ impl ExporterUrl {
     }
 }
 
-/// `node` as the host of a URL: a DNS name or an IPv4 address as it is, an IPv6 address in
-/// brackets; `None` for anything else (a `/`, `@` or `?` could point the request elsewhere).
+/// Whether `node` can name a node in `exporter_url` (see [`url_host`]).
+pub fn valid_node(node: &str) -> bool {
+    url_host(node).is_some()
+}
+
+/// `node` as the host of a URL: a DNS name (one trailing dot allowed) or an IPv4 address as it
+/// is, an IPv6 address in brackets; `None` for anything else — a `/`, `@`, `?` or `:` could
+/// point the request elsewhere, and a name that a URL parser would read as a number
+/// (`012.1.1.1`, `2130706433`) is not the address it looks like.
 fn url_host(node: &str) -> Option<String> {
     if node.is_empty() || node.len() > MAX_NODE_BYTES {
         return None;
@@ -61,12 +95,17 @@ fn url_host(node: &str) -> Option<String> {
     if node.parse::<Ipv4Addr>().is_ok() {
         return Some(node.to_owned());
     }
-    if let Ok(v6) = node
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<Ipv6Addr>()
-    {
+    let unbracketed = node
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(node);
+    if let Ok(v6) = unbracketed.parse::<Ipv6Addr>() {
         return Some(format!("[{v6}]"));
+    }
+    let name = node.strip_suffix('.').unwrap_or(node);
+    let last = name.rsplit('.').next().unwrap_or_default();
+    if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") {
+        return None;
     }
     let label_ok = |label: &str| {
         !label.is_empty()
@@ -77,7 +116,7 @@ fn url_host(node: &str) -> Option<String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    node.split('.').all(label_ok).then(|| node.to_owned())
+    name.split('.').all(label_ok).then(|| node.to_owned())
 }
 
 #[cfg(test)]
@@ -108,11 +147,27 @@ mod tests {
             ("10.0.0.7", "http://10.0.0.7:9470/api/v1/gpu"),
             ("fd00::7", "http://[fd00::7]:9470/api/v1/gpu"),
             ("[fd00::7]", "http://[fd00::7]:9470/api/v1/gpu"),
+            ("gpu-b.lan.", "http://gpu-b.lan.:9470/api/v1/gpu"),
         ] {
             assert_eq!(url.url(Some(node), "/api/v1/gpu").unwrap(), want, "{node}");
         }
         let why = url.url(None, "/api/v1/gpu").unwrap_err();
         assert!(why.contains("names none"), "{why}");
+    }
+
+    #[test]
+    fn a_failback_asks_the_runs_node_and_every_listed_one_once() {
+        let url = ExporterUrl::new("http://{node}:9470");
+        let others = ["gpu-a".to_owned(), "gpu-b".to_owned()];
+        assert_eq!(
+            url.urls(Some("gpu-b"), &others, "/x").unwrap(),
+            ["http://gpu-b:9470/x", "http://gpu-a:9470/x"]
+        );
+        let one = ExporterUrl::new("http://127.0.0.1:9470");
+        assert_eq!(
+            one.urls(None, &others, "/x").unwrap(),
+            ["http://127.0.0.1:9470/x"]
+        );
     }
 
     #[test]
@@ -128,6 +183,12 @@ mod tests {
             "gpu b",
             "gpu-b#",
             &"a".repeat(300),
+            "012.1.1.1",
+            "2130706433",
+            "0x7f.1",
+            "[[fd00::7]]",
+            "fe80::1%eth0",
+            "gpü-b",
         ] {
             assert!(url.url(Some(node), "/api/v1/gpu").is_err(), "{node:?}");
         }

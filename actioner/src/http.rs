@@ -71,6 +71,8 @@ pub struct AppState {
     buttons: Option<Arc<Buttons>>,
     relay: Arc<RelayGate>,
     last_len: Arc<AtomicUsize>,
+    /// `exporter_url` names `{node}`: failback takes a `"node"`.
+    per_node: bool,
 }
 
 impl AppState {
@@ -90,7 +92,14 @@ impl AppState {
             buttons: None,
             relay: Arc::new(relay),
             last_len: Arc::new(AtomicUsize::new(4096)),
+            per_node: false,
         }
+    }
+
+    /// Takes a failback's `"node"`: `exporter_url` names `{node}`.
+    pub fn with_per_node(mut self, per_node: bool) -> Self {
+        self.per_node = per_node;
+        self
     }
 
     /// Answers the notification buttons `buttons` signs.
@@ -455,6 +464,20 @@ async fn trigger(
         return Err(ApiError::BadRequest(
             "\"force\" is for failback only: it skips the check that the GPU is free".into(),
         ));
+    }
+    if let Some(node) = &request.node {
+        let why = if kind != ActionKind::Failback {
+            Some("\"node\" is for failback only: it names the node whose GPU is re-checked")
+        } else if !state.per_node {
+            Some("\"node\" needs {node} in exporter_url: without it the one exporter is asked")
+        } else if !crate::exporter::valid_node(node) {
+            Some("\"node\" must be a host name or an IP address")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(ApiError::BadRequest(why.into()));
+        }
     }
     let outcome = state
         .recorder

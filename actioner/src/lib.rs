@@ -128,6 +128,7 @@ pub fn build_actions(config: &Config) -> Result<BuiltActions, StartError> {
             docker.clone(),
             kube.clone(),
             &exporter,
+            &config.gpu_nodes,
         )
         .map_err(setup(kind))?;
         if let Some(action) = action {
@@ -228,7 +229,8 @@ impl Actioner {
             config.limits.max_body_bytes,
             gate,
         )
-        .with_buttons(built.buttons);
+        .with_buttons(built.buttons)
+        .with_per_node(crate::exporter::ExporterUrl::new(&config.exporter_url).per_node());
         Ok(Self {
             router: http::app(state),
             recorder,

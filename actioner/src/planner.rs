@@ -356,6 +356,9 @@ impl Planner {
         };
         let mut planned = JournalEntry::run(Event::Planned, &key, &plan, None);
         planned.force = manual.force;
+        if let Some(node) = &manual.node {
+            planned = planned.with_detail(format!("re-check on node {node}"));
+        }
         if let Some(raw) = &manual.raw_wake {
             planned = planned.with_detail(format!(
                 "relay: magic packet for {} to {}:{}",

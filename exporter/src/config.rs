@@ -99,6 +99,22 @@ pub struct ServiceConfig {
     /// Regex on the process name or command line, for attributing GPU processes; defaults
     /// by kind when no container is given (`vllm`, `ollama`, `local-?ai`).
     pub process: Option<String>,
+    /// `host` (default): this host's own service. `cluster`: a cluster Service every node's
+    /// exporter probes through one URL; its series carry `scope="cluster"`, and the shipped
+    /// alerts page for it once per cluster, when no node reaches it.
+    #[serde(default)]
+    pub scope: ServiceScope,
+}
+
+/// `services[].scope`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceScope {
+    /// This host's own service.
+    #[default]
+    Host,
+    /// A cluster Service, probed from every node.
+    Cluster,
 }
 
 impl ServiceConfig {

@@ -13,7 +13,7 @@ use aistack_common::http::{Format, accepts_gzip, metrics_response, to_classic};
 use aistack_exporter::collectors::Collector;
 use aistack_exporter::collectors::hwmon::{ChipReading, HwmonSample, TempReading};
 use aistack_exporter::collectors::services::ServicesCollector;
-use aistack_exporter::config::{ServiceConfig, ServiceKind};
+use aistack_exporter::config::{ServiceConfig, ServiceKind, ServiceScope};
 use aistack_tests::{Daemon, check_text_format, get_with, serve};
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -26,6 +26,7 @@ fn service(name: &str, kind: ServiceKind, url: String) -> ServiceConfig {
         url,
         container: None,
         process: None,
+        scope: ServiceScope::Host,
     }
 }
 

@@ -546,12 +546,35 @@ fn the_kubernetes_base_builds_and_holds_together() {
         daemonset["spec"]["template"]["spec"]["runtimeClassName"],
         "nvidia"
     );
+    // Everything read-only but the state directory, the node's own (the GPU roster).
     for volume in daemonset["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
         .as_sequence()
         .unwrap()
     {
+        if volume["name"] == "state" {
+            assert_eq!(volume["mountPath"], "/var/lib/aistack/exporter");
+            continue;
+        }
         assert_eq!(volume["readOnly"], true, "{volume:?}");
     }
+    let state = daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "state")
+        .expect("a state volume");
+    assert_eq!(
+        state["hostPath"]["path"], "/var/lib/aistack/exporter",
+        "{state:?}"
+    );
+    let env = &daemonset["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "STATE_DIRECTORY" && e["value"] == "/var/lib/aistack/exporter"),
+        "{env:?}"
+    );
     // Least privilege: a namespaced Role on named objects, no wildcard, nothing cluster-wide.
     assert!(!objects.iter().any(|o| o["kind"] == "ClusterRole"));
     let role = find("Role", "aistack-actioner");

@@ -27,15 +27,17 @@ fn start(api: FakeKubernetes, kubeconfig: &std::path::Path) -> Setup {
 }
 
 fn start_with(api: FakeKubernetes, kubeconfig: &std::path::Path, fallback_timeout: &str) -> Setup {
-    start_full(api, kubeconfig, fallback_timeout, None)
+    start_full(api, kubeconfig, fallback_timeout, None, "")
 }
 
-/// [`start_with`], with `exporter_url` set (else the stand-in exporter's URL).
+/// [`start_with`], with `exporter_url` set (else the stand-in exporter's URL) and `extra`
+/// top-level config lines.
 fn start_full(
     api: FakeKubernetes,
     kubeconfig: &std::path::Path,
     fallback_timeout: &str,
     exporter_url: Option<&str>,
+    extra: &str,
 ) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let vllm = StubServer::start();
@@ -54,6 +56,7 @@ host: gpu-box
 state_dir: {state}
 exporter_url: {exporter}
 auth: {{bearer_token_file: {token}}}
+{extra}
 rules:
   - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
   - {{name: failback, match: {{alertname: AistackGpuHostWorkload}}, on: resolved, action: failback}}
@@ -355,7 +358,7 @@ fn a_game_on_node_b_fails_over_and_back_by_bs_own_gpu() {
     let api = ml_mode();
     let kubeconfig = api.kubeconfig.clone();
     let pattern = format!("http://{{node}}:{port}");
-    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern));
+    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern), "");
     let b_instance = format!("127.0.0.2:{port}");
 
     webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &b_instance);
@@ -369,9 +372,9 @@ fn a_game_on_node_b_fails_over_and_back_by_bs_own_gpu() {
         early["detail"].as_str().unwrap().contains("host workload"),
         "{early}"
     );
-    // Naming no node, with a pattern: refused, never guessed.
+    // Naming no node, with a pattern: never guessed; the run fails (and would page).
     let unnamed = trigger(&setup, "failback", "{}");
-    assert_eq!(unnamed["status"], "skipped", "{unnamed}");
+    assert_eq!(unnamed["status"], "failed", "{unnamed}");
     assert!(
         unnamed["detail"].as_str().unwrap().contains("names none"),
         "{unnamed}"
@@ -388,6 +391,63 @@ fn a_game_on_node_b_fails_over_and_back_by_bs_own_gpu() {
     assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
     assert_eq!(a.hits("/api/v1/gpu"), 0);
     assert!(b.hits("/api/v1/gpu") >= 2);
+
+    // "node" is for failback, with a pattern, and a host name or address only.
+    for (action, body) in [
+        ("failover", r#"{"node": "127.0.0.2"}"#),
+        ("failback", r#"{"node": "evil.example/x?"}"#),
+        ("failback", r#"{"node": "012.1.1.1"}"#),
+    ] {
+        let reply = post_json(
+            &setup.actioner.url(&format!("/api/v1/actions/{action}")),
+            Some(TOKEN),
+            body,
+        );
+        assert_eq!(reply.status, 400, "{action} {body}: {}", reply.body);
+    }
+}
+
+/// One vLLM/Ollama pair for the cluster, `gpu_nodes: [A, B]`: games on both nodes; A's ends
+/// and resolves, but B still has one, so failback stays refused (vLLM could land on B); once
+/// B's ends too, its resolution fails back.
+#[test]
+fn with_gpu_nodes_failback_waits_until_no_node_has_a_game() {
+    let (nodes, port) = StubServer::start_on_nodes(&["127.0.0.1", "127.0.0.2"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.set("/api/v1/gpu", 200, &gpu_report(true));
+    b.set("/api/v1/gpu", 200, &gpu_report(true));
+    let api = ml_mode();
+    let kubeconfig = api.kubeconfig.clone();
+    let pattern = format!("http://{{node}}:{port}");
+    let setup = start_full(
+        api,
+        &kubeconfig,
+        "20s",
+        Some(&pattern),
+        "gpu_nodes: [127.0.0.1, 127.0.0.2]",
+    );
+    let a_instance = format!("127.0.0.1:{port}");
+    webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &a_instance);
+    let end = wait_for_end(&setup, "failover-when-gaming");
+    assert_eq!(end["event"], "succeeded", "{end}");
+
+    // A's game ends; B's goes on: A's resolution may not bring vLLM back.
+    a.set("/api/v1/gpu", 200, &gpu_report(false));
+    webhook_from(&setup, "resolved", "2026-11-22T23:00:00Z", &a_instance);
+    let end = wait_for_end(&setup, "failback");
+    assert_eq!(end["event"], "skipped", "{end}");
+    let detail = end["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("host workload") && detail.contains("127.0.0.2"),
+        "{end}"
+    );
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 0);
+
+    // B's ends: its failback, asked by hand for B, finds every node free.
+    b.set("/api/v1/gpu", 200, &gpu_report(false));
+    let done = trigger(&setup, "failback", r#"{"node": "127.0.0.2"}"#);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
 }
 
 #[test]

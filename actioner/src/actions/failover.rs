@@ -34,7 +34,7 @@ use aistack_common::config::{HumanDuration, Problems, check_http_url};
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
+use super::{Action, ActionError, Job, RunContext, SetupError, http_client, recheck_client};
 use crate::docker::DockerControl;
 use crate::exporter::ExporterUrl;
 use crate::kubernetes::{KubeControl, REPLICAS_BEFORE_FAILOVER};
@@ -230,7 +230,10 @@ pub struct Failover {
     docker: DockerControl,
     kube: KubeControl,
     exporter: ExporterUrl,
+    /// Nodes a failback re-checks besides the run's own (`gpu_nodes`).
+    gpu_nodes: Vec<String>,
     client: reqwest::Client,
+    recheck: reqwest::Client,
 }
 
 impl Failover {
@@ -242,6 +245,7 @@ impl Failover {
         docker: DockerControl,
         kube: KubeControl,
         exporter: &ExporterUrl,
+        gpu_nodes: &[String],
     ) -> Result<Option<Self>, SetupError> {
         if config.missing_section().is_some() {
             return Ok(None);
@@ -252,7 +256,9 @@ impl Failover {
             docker,
             kube,
             exporter: exporter.clone(),
+            gpu_nodes: gpu_nodes.to_vec(),
             client: http_client(Duration::from_secs(2), Duration::from_secs(5))?,
+            recheck: recheck_client(Duration::from_secs(2), Duration::from_secs(5))?,
         }))
     }
 
@@ -315,16 +321,27 @@ impl Failover {
         ))
     }
 
-    /// Failback's re-check: the exporter — of `node`, where `exporter_url` names the node —
-    /// shows, positively, that no host workload holds a GPU.
+    /// Failback's re-check: the exporter — of `node` and of every one in `gpu_nodes`, where
+    /// `exporter_url` names the node — shows, positively, that no host workload holds a GPU.
+    /// A run whose node cannot be named fails (and pages): it is not a condition that passes.
     async fn gpu_is_free(&self, node: Option<&str>) -> Result<(), ActionError> {
+        let urls = self
+            .exporter
+            .urls(node, &self.gpu_nodes, GPU_PATH)
+            .map_err(|why| ActionError::Failed(format!("cannot re-check the GPU: {why}")))?;
+        for url in &urls {
+            self.gpu_is_free_at(url).await?;
+        }
+        Ok(())
+    }
+
+    async fn gpu_is_free_at(&self, url: &str) -> Result<(), ActionError> {
         let gone = |why: String| {
             ActionError::ConditionGone(format!("cannot confirm the GPU is free: {why}"))
         };
-        let url = self.exporter.url(node, GPU_PATH).map_err(gone)?;
         let response = self
-            .client
-            .get(&url)
+            .recheck
+            .get(url)
             .send()
             .await
             .and_then(|r| r.error_for_status())
@@ -334,6 +351,11 @@ impl Failover {
             .await
             .map_err(|e| gone(format!("unexpected answer from {url}: {e}")))?;
         report.confirm_free().map_err(|why| {
+            let why = if self.exporter.per_node() {
+                format!("{why} (at {url})")
+            } else {
+                why
+            };
             if why.starts_with("host workload") {
                 ActionError::ConditionGone(why)
             } else {
@@ -541,9 +563,13 @@ impl Action for Failover {
         let check = if job.force {
             "skip the GPU check (forced)".to_owned()
         } else {
-            match self.exporter.url(job.node.as_deref(), GPU_PATH) {
-                Ok(url) => format!("check {url} for host workload"),
-                Err(why) => format!("refuse: {why}"),
+            match self
+                .exporter
+                .urls(job.node.as_deref(), &self.gpu_nodes, GPU_PATH)
+            {
+                Ok(urls) => format!("check {} for host workload", urls.join(", ")),
+                Err(why) if !self.to_fallback => return format!("would fail: {why}"),
+                Err(_) => String::new(),
             }
         };
         match (&self.config.platform, self.to_fallback) {

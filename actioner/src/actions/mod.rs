@@ -136,3 +136,14 @@ pub fn http_client(connect: Duration, total: Duration) -> Result<reqwest::Client
         builder.connect_timeout(connect).timeout(total)
     })?)
 }
+
+/// [`http_client`] for re-checks on an exporter: no redirects, so an address built from an
+/// alert's labels cannot lead the request anywhere else.
+pub fn recheck_client(connect: Duration, total: Duration) -> Result<reqwest::Client, SetupError> {
+    Ok(aistack_common::http_client(|builder| {
+        builder
+            .connect_timeout(connect)
+            .timeout(total)
+            .redirect(reqwest::redirect::Policy::none())
+    })?)
+}

@@ -22,7 +22,7 @@ use aistack_common::login1::{ManagerProxy, blocks_sleep};
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::{Action, ActionError, Job, RunContext, SetupError, http_client};
+use super::{Action, ActionError, Job, RunContext, SetupError, recheck_client};
 use crate::exporter::ExporterUrl;
 use crate::vocab::{ActionKind, AwakeStamp};
 use aistack_common::config::HumanDuration;
@@ -97,8 +97,13 @@ impl Suspend {
         Ok(Self {
             mode: config.mode,
             resume_grace: config.resume_grace.into(),
-            idle_url: exporter.url(Some(this_host), IDLE_PATH),
-            client: http_client(Duration::from_secs(3), Duration::from_secs(5))?,
+            idle_url: exporter.url(Some(this_host), IDLE_PATH).inspect_err(|why| {
+                tracing::warn!(
+                    action = "suspend",
+                    "suspend cannot re-check with the exporter, and will refuse: {why}"
+                );
+            }),
+            client: recheck_client(Duration::from_secs(3), Duration::from_secs(5))?,
             bus_address,
         })
     }
@@ -206,7 +211,10 @@ impl Action for Suspend {
         format!(
             "would call logind {}(false) if {} says suspend_ready and no block inhibitor is held",
             self.mode.logind_name(),
-            self.idle_url.as_deref().unwrap_or("the exporter (unnamed)")
+            match &self.idle_url {
+                Ok(url) => url.clone(),
+                Err(why) => format!("the exporter (it cannot: {why})"),
+            }
         )
     }
 

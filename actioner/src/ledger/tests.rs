@@ -134,7 +134,7 @@ fn a_checkpoint_restores_exactly_the_state_it_was_taken_from() {
         fingerprint: "f".into(),
         status: AlertStatus::Resolved,
         starts_at: "2026-11-22T21:00:00Z".into(),
-        host: None,
+        host: Some("gpu-b".into()),
     };
     ledger.apply(
         JournalEntry::run(
@@ -167,6 +167,12 @@ fn a_checkpoint_restores_exactly_the_state_it_was_taken_from() {
         restored.apply(e.clone());
     }
     assert_eq!(state(&restored), state(&ledger));
+    // The deferred failback keeps the node its re-check asks.
+    let deferred = restored.deferred_failback().unwrap();
+    assert_eq!(
+        deferred.alert.as_ref().and_then(|a| a.host.as_deref()),
+        Some("gpu-b")
+    );
     // Read after the files it replaces, it changes nothing either.
     let mut both = ledger.clone();
     for e in &checkpoint {

@@ -19,12 +19,14 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder,
+};
 use serde::Deserialize;
 
 use super::docker::DockerSample;
 use super::{Collector, CollectorError, EncodeSample, Latest};
-use crate::config::{ServiceConfig, ServiceKind};
+use crate::config::{ServiceConfig, ServiceKind, ServiceScope};
 use crate::metrics::{counter_family, gauge_family};
 
 /// Largest response body a probe reads; a larger one fails the probe.
@@ -99,6 +101,7 @@ pub fn discover(docker: &DockerSample) -> Vec<ServiceConfig> {
                 url: format!("http://127.0.0.1:{public}"),
                 container: Some(c.name.clone()),
                 process: None,
+                scope: ServiceScope::Host,
             })
         })
         .collect()
@@ -180,6 +183,8 @@ pub struct ServiceStatus {
     pub name: String,
     /// Its kind.
     pub kind: Option<ServiceKind>,
+    /// A cluster Service (`scope: cluster`): its series say `scope="cluster"`.
+    pub cluster: bool,
     /// Whether it answered its health request as it should.
     pub up: bool,
     /// How long the health request took.
@@ -208,10 +213,23 @@ pub struct ServicesSample {
     pub probe_errors: BTreeMap<(String, String), u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ServiceLabels {
     service: String,
     kind: &'static str,
+    /// `scope="cluster"` for a cluster Service; no label for a host's own.
+    cluster: bool,
+}
+
+impl EncodeLabelSet for ServiceLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        ("service", self.service.as_str()).encode(encoder.encode_label())?;
+        ("kind", self.kind).encode(encoder.encode_label())?;
+        if self.cluster {
+            ("scope", "cluster").encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -245,6 +263,7 @@ impl ServiceStatus {
         ServiceLabels {
             service: self.name.clone(),
             kind: self.kind_label(),
+            cluster: self.cluster,
         }
     }
 
@@ -710,6 +729,7 @@ impl ServicesCollector {
         let mut status = ServiceStatus {
             name: service.name.clone(),
             kind: Some(service.kind),
+            cluster: service.scope == ServiceScope::Cluster,
             up: probe.health.is_ok(),
             duration: probe.took,
             ..ServiceStatus::default()
@@ -952,6 +972,7 @@ mod tests {
             url: format!("{base}{path}"),
             container: None,
             process: None,
+            scope: ServiceScope::Host,
         }
     }
 
@@ -1265,6 +1286,45 @@ mod tests {
         let sample = collector.sample(Instant::now()).await.unwrap();
         assert!(sample.services.iter().all(|s| s.up), "{sample:#?}");
         assert_eq!(sample.services[0].models.len(), 1);
+    }
+
+    /// A cluster Service's series say `scope="cluster"`, so the rules page once per cluster;
+    /// a host's own service has no such label (its series are as before).
+    #[test]
+    fn a_cluster_service_is_labelled_so() {
+        let status = |name: &str, cluster| ServiceStatus {
+            name: name.into(),
+            kind: Some(ServiceKind::Vllm),
+            cluster,
+            ..ServiceStatus::default()
+        };
+        let sample = ServicesSample {
+            services: vec![status("vllm", true), status("local", false)],
+            ..ServicesSample::default()
+        };
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
+        #[derive(Debug)]
+        struct One(ServicesSample);
+        impl prometheus_client::collector::Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+                self.0.encode(&mut encoder)
+            }
+        }
+        registry.register_collector(Box::new(One(sample)));
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for want in [
+            r#"aistack_service_up{service="vllm",kind="vllm",scope="cluster"} 0"#,
+            r#"aistack_service_up{service="local",kind="vllm"} 0"#,
+            r#"aistack_service_probe_duration_seconds{service="vllm",kind="vllm",scope="cluster"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        let config: crate::config::Config = aistack_common::config::parse(
+            "services: [{name: vllm, kind: vllm, url: 'http://vllm.ml.svc:8000', scope: cluster}]",
+        )
+        .unwrap();
+        assert_eq!(config.services[0].scope, ServiceScope::Cluster);
     }
 
     #[test]

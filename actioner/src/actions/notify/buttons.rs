@@ -180,7 +180,7 @@ impl Buttons {
                 let signed = if config.action.takes_target() {
                     target.clone()
                 } else {
-                    alert.host()
+                    alert.host().filter(|h| crate::exporter::valid_node(h))
                 };
                 let token = self.sign(config.action, signed.as_deref(), expires, &firing)?;
                 Some(NtfyAction {
