@@ -261,3 +261,38 @@ fn write_secret(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).unwrap();
     set_mode(path, 0o600);
 }
+
+#[test]
+fn per_node_re_checks_are_checked() {
+    let config: Config =
+        parse("exporter_url: 'http://{node}:9470'\ngpu_nodes: [gpu-a, 10.0.0.2, 'fd00::7']\n")
+            .unwrap_or_else(|p| panic!("{p:#?}"));
+    assert_eq!(config.gpu_nodes.len(), 3);
+    let problems = problems_in("gpu_nodes: [gpu-a]\n");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("gpu_nodes:") && p.contains("{node}")),
+        "{problems:?}"
+    );
+    let problems = problems_in(
+        "exporter_url: 'http://{node}:9470'\nhost: 'gpu box'\ngpu_nodes: ['a/b', gpu-b]\n",
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("gpu_nodes[0]")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("host")),
+        "{problems:?}"
+    );
+    assert!(
+        !problems.iter().any(|p| p.starts_with("gpu_nodes[1]")),
+        "{problems:?}"
+    );
+    let problems = problems_in("exporter_url: 'http://{node}:9470/x y'\n");
+    assert!(
+        problems.iter().any(|p| p.starts_with("exporter_url")),
+        "{problems:?}"
+    );
+}
