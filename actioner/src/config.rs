@@ -51,6 +51,8 @@ pub struct Config {
     pub actions: ActionsConfig,
     /// The Docker engine the failover and repair actions drive.
     pub docker: DockerConfig,
+    /// Leader election among replicas (Kubernetes): only the Lease's holder acts.
+    pub ha: Option<crate::ha::HaConfig>,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             dry_run: false,
             exporter_url: "http://127.0.0.1:9470".into(),
             gpu_nodes: Vec::new(),
+            ha: None,
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             rules: Vec::new(),
@@ -282,6 +285,9 @@ impl Validate for Config {
             "state_dir",
             format!("must be an absolute path, got {:?}", self.state_dir),
         );
+        if let Some(ha) = &self.ha {
+            ha.validate(problems);
+        }
         let exporter = crate::exporter::ExporterUrl::new(&self.exporter_url);
         check_http_url(problems, "exporter_url", &exporter.example());
         for (i, node) in self.gpu_nodes.iter().enumerate() {

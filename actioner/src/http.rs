@@ -235,6 +235,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(landing))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(api)
         .merge(alerts)

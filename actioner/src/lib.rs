@@ -17,6 +17,7 @@ pub mod config;
 pub mod docker;
 pub mod executor;
 pub mod exporter;
+pub mod ha;
 pub mod http;
 pub mod journal;
 pub mod kubernetes;

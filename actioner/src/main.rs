@@ -6,11 +6,13 @@ use std::process::ExitCode;
 use aistack_actioner::auth::Auth;
 use aistack_actioner::cli::{Cli, Command};
 use aistack_actioner::config::{Config, DEFAULT_CONFIG_PATH};
+use aistack_actioner::ha::{self, Elector, HaConfig};
 use aistack_actioner::{Actioner, build_actions, check_files};
 use aistack_common::config::{self, ConfigError};
 use aistack_common::{logging, server};
 use anyhow::Context as _;
 use clap::Parser as _;
+use tokio::sync::watch;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -67,12 +69,78 @@ fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
         let limits = server::prepare(cli.common.connection_limits());
         let auth = Auth::load(&config).context("reading the secret files")?;
-        let actions = build_actions(&config)?;
-        let actioner = Actioner::start(&config, auth, actions)?;
         let listener = server::bind(&cli.listen_address)
             .await
             .with_context(|| format!("listening on {}", cli.listen_address))?;
-        server::serve(listener, actioner.router, limits).await?;
+        match &config.ha {
+            None => {
+                let actions = build_actions(&config)?;
+                let actioner = Actioner::start(&config, auth, actions)?;
+                server::serve(listener, actioner.router, limits).await?;
+            }
+            Some(ha) => run_ha(&config, ha, auth, listener, limits).await?,
+        }
         Ok(())
     })
+}
+
+/// With `ha:`: serve as a follower until this replica holds the lease, then open the journal
+/// and act; exit when the lease is lost (the next leader reads the same journal), give it up
+/// at a clean stop.
+async fn run_ha(
+    config: &Config,
+    ha: &HaConfig,
+    auth: Auth,
+    listener: tokio::net::TcpListener,
+    limits: server::ConnectionLimits,
+) -> anyhow::Result<()> {
+    let (namespace, name) = ha.lease().context("ha.lease")?;
+    let mut elector = Elector::connect(namespace, name, ha::identity(), ha.timing())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(lease = %ha.lease, identity = %elector.identity(), "high availability: acting only while holding the lease");
+    let (router_tx, router_rx) = watch::channel(ha::follower_router(&ha.lease));
+    let server = tokio::spawn(server::serve(
+        listener,
+        ha::switching_router(router_rx),
+        limits,
+    ));
+    let mut leading = false;
+    let outcome = {
+        let leading = &mut leading;
+        let elector = &mut elector;
+        let election = async move {
+            elector.wait_for_leadership().await;
+            *leading = true;
+            tracing::info!(lease = %ha.lease, "leading: reading the journal back");
+            let actions = build_actions(config)?;
+            let actioner = Actioner::start(config, auth, actions)?;
+            // The follower router goes; from now on requests reach the actioner.
+            drop(router_tx.send_replace(actioner.router.clone()));
+            let why = elector.hold().await;
+            anyhow::Ok(why)
+        };
+        tokio::select! {
+            served = server => Served::Stopped(served),
+            lost = election => Served::Lost(lost),
+        }
+    };
+    match outcome {
+        Served::Stopped(served) => {
+            if leading && let Err(err) = elector.release().await {
+                tracing::warn!(error = %err, "could not give the lease up; another replica takes it over when it expires");
+            }
+            served.context("the server task")??;
+            Ok(())
+        }
+        Served::Lost(Ok(why)) => Err(anyhow::anyhow!(
+            "{why}: stopping, so that only the leader acts"
+        )),
+        Served::Lost(Err(err)) => Err(err),
+    }
+}
+
+enum Served {
+    Stopped(Result<std::io::Result<()>, tokio::task::JoinError>),
+    Lost(anyhow::Result<String>),
 }

@@ -305,6 +305,7 @@ fn the_shipped_configs_pass_check_config() {
         ("aistack-exporter", "k8s/base/config/exporter.yaml"),
         ("aistack-actioner", "compose/config/actioner.yaml"),
         ("aistack-actioner", "k8s/base/config/actioner.yaml"),
+        ("aistack-actioner", "k8s/components/ha/config/actioner.yaml"),
     ] {
         // The secrets are the user's: point at a stand-in token.
         let config = dir.path().join("config.yaml");
@@ -322,6 +323,42 @@ fn the_shipped_configs_pass_check_config() {
         );
         assert_eq!(code, 0, "{path}: {stdout}{stderr}");
     }
+}
+
+/// The HA component's actioner config is the base's, plus `ha` and a per-node `exporter_url`:
+/// the two cannot drift apart. Its Role reads and renews the one Lease it ships, nothing more.
+#[test]
+fn the_ha_component_keeps_the_base_config_and_least_privilege() {
+    let base = yaml("k8s/base/config/actioner.yaml");
+    let mut ha = yaml("k8s/components/ha/config/actioner.yaml");
+    assert_eq!(ha["ha"]["lease"], "aistack/aistack-actioner");
+    assert_eq!(ha["exporter_url"], "http://{node}:9470");
+    let fields = ha.as_mapping_mut().unwrap();
+    fields.remove("ha");
+    fields.insert("exporter_url".into(), base["exporter_url"].clone());
+    assert_eq!(
+        ha, base,
+        "k8s/components/ha/config/actioner.yaml drifted from the base's"
+    );
+
+    let lease = yaml("k8s/components/ha/lease.yaml");
+    assert_eq!(lease["metadata"]["namespace"], "aistack");
+    assert_eq!(lease["metadata"]["name"], "aistack-actioner");
+    let rbac: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&read("k8s/components/ha/rbac.yaml"))
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect();
+    let role = rbac.iter().find(|o| o["kind"] == "Role").unwrap();
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["resourceNames"][0], "aistack-actioner");
+    let verbs: Vec<&str> = rules[0]["verbs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(verbs, ["get", "update"]);
 }
 
 /// A compose service's volumes as (source, target, read-only), from the short syntax

@@ -3,8 +3,11 @@
 //! Services, read with GET and changed with JSON merge patches, answering with the objects,
 //! `Scale` and `Status` bodies the real API server sends. A Deployment's status follows its
 //! spec as a controller would: the new generation is observed at once, and its pods become
-//! ready `ready_after` later (or never, for a broken image). Every request is recorded, so a
-//! test can check each against the Role the bundle ships.
+//! ready `ready_after` later (or never, for a broken image). coordination.k8s.io/v1 Leases are
+//! kept as the API server keeps them for leader election: created with POST (409
+//! AlreadyExists when one is there), replaced with PUT only when the body carries the current
+//! `resourceVersion` (409 Conflict otherwise: optimistic concurrency). Every request is
+//! recorded, so a test can check each against the Role the bundle ships.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,6 +56,7 @@ struct Workload {
 struct Cluster {
     deployments: BTreeMap<(String, String), Workload>,
     services: BTreeMap<(String, String), Value>,
+    leases: BTreeMap<(String, String), Value>,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -324,6 +328,98 @@ async fn service(
     ok(object)
 }
 
+async fn leases(
+    State(shared): State<Shared>,
+    Path(ns): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases");
+    let mut cluster = shared.lock().unwrap();
+    let mut object = match admit(&mut cluster, &method, &path, &headers, &body) {
+        Ok(p) => p,
+        Err(answer) => return *answer,
+    };
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status_error(
+            422,
+            "Invalid",
+            "Lease.coordination.k8s.io \"\" is invalid: metadata.name: Required value".into(),
+        );
+    };
+    if cluster.leases.contains_key(&(ns.clone(), name.clone())) {
+        return status_error(
+            409,
+            "AlreadyExists",
+            format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        );
+    }
+    let version = cluster.next_version();
+    object["kind"] = json!("Lease");
+    object["apiVersion"] = json!("coordination.k8s.io/v1");
+    object["metadata"]["namespace"] = json!(ns);
+    object["metadata"]["resourceVersion"] = json!(version);
+    object["metadata"]["uid"] = json!(format!(
+        "7a1d2c3e-2222-4000-8000-{:012}",
+        cluster.resource_version
+    ));
+    cluster.leases.insert((ns, name), object.clone());
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        object.to_string(),
+    )
+        .into_response()
+}
+
+async fn lease(
+    State(shared): State<Shared>,
+    Path((ns, name)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}");
+    let mut cluster = shared.lock().unwrap();
+    let mut object = match admit(&mut cluster, &method, &path, &headers, &body) {
+        Ok(p) => p,
+        Err(answer) => return *answer,
+    };
+    let not_found = || {
+        status_error(
+            404,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        )
+    };
+    if method == Method::GET {
+        return cluster
+            .leases
+            .get(&(ns, name.clone()))
+            .map_or_else(not_found, ok);
+    }
+    let version = cluster.next_version();
+    let Some(current) = cluster.leases.get_mut(&(ns.clone(), name.clone())) else {
+        return not_found();
+    };
+    if object["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status_error(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        );
+    }
+    object["kind"] = json!("Lease");
+    object["apiVersion"] = json!("coordination.k8s.io/v1");
+    object["metadata"]["resourceVersion"] = json!(version);
+    object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    *current = object.clone();
+    ok(&object)
+}
+
 async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     status_error(
         404,
@@ -381,6 +477,14 @@ impl FakeKubernetes {
                 .route(
                     "/api/v1/namespaces/{ns}/services/{name}",
                     get(service).patch(service),
+                )
+                .route(
+                    "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                    axum::routing::post(leases),
+                )
+                .route(
+                    "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                    get(lease).put(lease),
                 )
                 .fallback(not_found)
                 .with_state(cluster.clone()),
@@ -514,6 +618,32 @@ impl FakeKubernetes {
     pub fn selector(&self, namespace: &str, name: &str) -> Value {
         self.cluster.lock().unwrap().services[&(namespace.into(), name.into())]["spec"]["selector"]
             .clone()
+    }
+
+    /// Adds a Lease nobody holds, as the bundle ships it (so the actioner needs no `create`).
+    pub fn add_lease(&self, namespace: &str, name: &str) {
+        let mut cluster = self.cluster.lock().unwrap();
+        let version = cluster.next_version();
+        cluster.leases.insert(
+            (namespace.into(), name.into()),
+            json!({
+                "kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+                "metadata": {"name": name, "namespace": namespace, "resourceVersion": version,
+                             "uid": "7a1d2c3e-2222-4000-8000-000000000000",
+                             "creationTimestamp": "2026-11-20T09:12:44Z"},
+                "spec": {}
+            }),
+        );
+    }
+
+    /// A Lease as stored, if any.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.cluster
+            .lock()
+            .unwrap()
+            .leases
+            .get(&(namespace.into(), name.into()))
+            .cloned()
     }
 
     /// Every request so far.

@@ -296,3 +296,28 @@ fn per_node_re_checks_are_checked() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn ha_is_checked() {
+    let config: Config =
+        parse("ha: {lease: aistack/aistack-actioner}\n").unwrap_or_else(|p| panic!("{p:#?}"));
+    let ha = config.ha.unwrap();
+    assert_eq!(ha.lease(), Some(("aistack", "aistack-actioner")));
+    assert_eq!(
+        ha.timing().lease_duration,
+        std::time::Duration::from_secs(8)
+    );
+    let problems = problems_in("ha: {lease: aistack, lease_duration: 1s}\n");
+    assert!(
+        problems.iter().any(|p| p.starts_with("ha.lease:")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("ha.lease_duration")),
+        "{problems:?}"
+    );
+    assert!(
+        parse::<Config>("ha: {leese: a/b}\n").is_err(),
+        "unknown keys are refused"
+    );
+}

@@ -1,0 +1,281 @@
+//! Two actioner replicas with `ha: {lease: ...}`: the real binaries, electing a leader on a
+//! coordination.k8s.io/v1 Lease of the stand-in API server (tests/src/kubernetes.rs, which
+//! refuses a write on a stale resourceVersion as the real one does), sharing one state
+//! directory as two pods share a ReadWriteMany volume. Only the leader is ready and acts; the
+//! leader killed in the middle of a failover is replaced within 15 s, and the new leader
+//! never runs the failover again.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aistack_tests::kubernetes::{FakeKubernetes, Pods};
+use aistack_tests::stub::{StubServer, gpu_report};
+use aistack_tests::{Daemon, binary, get, get_with_token, post_json, wait_for};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "0123456789abcdef";
+const LEASE: (&str, &str) = ("aistack", "aistack-actioner");
+
+struct Cluster {
+    api: FakeKubernetes,
+    dir: tempfile::TempDir,
+    _vllm: StubServer,
+    _ollama: StubServer,
+    _exporter: StubServer,
+    config: std::path::PathBuf,
+}
+
+/// vLLM serving (its pods take `vllm_stop` to shut down), Ollama at 0, the Lease as shipped,
+/// and one config both replicas read.
+fn cluster(vllm_stop: Duration) -> Cluster {
+    let api = FakeKubernetes::start();
+    api.add_deployment(
+        "ml",
+        "vllm",
+        1,
+        &[("app", "vllm")],
+        Pods {
+            ready_after: vllm_stop,
+            ..Pods::default()
+        },
+    );
+    api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], Pods::default());
+    api.add_service("ml", "inference", &[("app", "vllm")]);
+    api.add_lease(LEASE.0, LEASE.1);
+    let vllm = StubServer::start();
+    vllm.set("/health", 200, "");
+    let ollama = StubServer::start();
+    ollama.set("/api/tags", 200, r#"{"models":[]}"#);
+    let exporter = StubServer::start();
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
+    let dir = tempfile::tempdir().unwrap();
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
+    let config = dir.path().join("actioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+host: gpu-box
+state_dir: {state}
+exporter_url: {exporter}
+auth: {{bearer_token_file: {token}}}
+ha: {{lease: {ns}/{name}}}
+rules:
+  - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
+actions:
+  failover:
+    platform: kubernetes
+    kubernetes: {{namespace: ml, primary: vllm, fallback: ollama, service: inference}}
+    primary_health_url: "{vllm}/health"
+    fallback_health_url: "{ollama}/api/tags"
+    fallback_timeout: 30s
+    primary_timeout: 4s
+"#,
+            state = dir.path().join("state").display(),
+            exporter = exporter.url,
+            token = dir.path().join("token").display(),
+            ns = LEASE.0,
+            name = LEASE.1,
+            vllm = vllm.url,
+            ollama = ollama.url,
+        ),
+    )
+    .unwrap();
+    Cluster {
+        api,
+        dir,
+        _vllm: vllm,
+        _ollama: ollama,
+        _exporter: exporter,
+        config,
+    }
+}
+
+/// A replica named `pod` (its `POD_NAME`).
+fn replica(cluster: &Cluster, pod: &str) -> Daemon {
+    let mut command = Command::new(binary("aistack-actioner"));
+    command
+        .env("KUBECONFIG", &cluster.api.kubeconfig)
+        .env("HOME", cluster.dir.path())
+        .env("POD_NAME", pod)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    Daemon::start_with(
+        command,
+        &["--config.file", cluster.config.to_str().unwrap()],
+    )
+}
+
+fn ready(replica: &Daemon) -> bool {
+    get(&replica.url("/readyz")).status == 200
+}
+
+fn holder(cluster: &Cluster) -> Option<String> {
+    cluster.api.lease(LEASE.0, LEASE.1)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn webhook(replica: &Daemon) -> u16 {
+    let body = json!({
+        "version": "4", "status": "firing", "receiver": "aistack-actioner",
+        "groupLabels": {"alertname": "AistackGpuHostWorkload"}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093", "groupKey": "{}:{alertname=\"AistackGpuHostWorkload\"}",
+        "truncatedAlerts": 0,
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": "gpu-box:9470", "gpu": "0"},
+            "annotations": {"summary": "Someone else is using GPU 0 on gpu-box:9470"},
+            "startsAt": "2026-11-22T22:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
+        }]
+    });
+    post_json(
+        &replica.url("/api/v1/alerts"),
+        Some(TOKEN),
+        &body.to_string(),
+    )
+    .status
+}
+
+fn journal(replica: &Daemon) -> Vec<Value> {
+    serde_json::from_str(&get_with_token(&replica.url("/api/v1/actions?limit=200"), TOKEN).body)
+        .unwrap_or_default()
+}
+
+fn events(journal: &[Value], rule: &str, event: &str) -> usize {
+    journal
+        .iter()
+        .filter(|e| e["rule"] == rule && e["event"] == event)
+        .count()
+}
+
+#[test]
+fn the_leader_killed_mid_failover_is_replaced_within_15s_and_nothing_runs_twice() {
+    // vLLM's pods take 8 s to stop: the failover is still waiting when its leader dies.
+    let cluster = cluster(Duration::from_secs(8));
+    let a = replica(&cluster, "actioner-a");
+    let b = replica(&cluster, "actioner-b");
+    let first = wait_for(Duration::from_secs(15), "a leader", || holder(&cluster));
+    let (leader, follower) = if first == "actioner-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    wait_for(Duration::from_secs(10), "the leader ready", || {
+        ready(&leader).then_some(())
+    });
+    assert!(!ready(&follower), "only the leader is ready");
+    assert_eq!(
+        get(&follower.url("/healthz")).status,
+        200,
+        "the follower is alive"
+    );
+    assert_eq!(
+        webhook(&follower),
+        503,
+        "a follower leaves the webhook to the leader"
+    );
+
+    assert_eq!(webhook(&leader), 200);
+    wait_for(Duration::from_secs(10), "the failover started", || {
+        (events(&journal(&leader), "failover-when-gaming", "started") == 1).then_some(())
+    });
+    wait_for(Duration::from_secs(10), "vLLM told to stop", || {
+        (cluster.api.deployment("ml", "vllm")["spec"]["replicas"] == 0).then_some(())
+    });
+    // Still waiting for vLLM's pods to stop: nothing has ended.
+    assert_eq!(
+        events(&journal(&leader), "failover-when-gaming", "succeeded"),
+        0
+    );
+    let old = holder(&cluster).unwrap();
+
+    // The leader's node dies mid-action.
+    let killed = Instant::now();
+    drop(leader);
+    wait_for(Duration::from_secs(20), "the follower to lead", || {
+        ready(&follower).then_some(())
+    });
+    let took = killed.elapsed();
+    println!(
+        "ha: leader killed -> the other replica ready in {:.2}s",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(15), "takeover in {took:?}");
+    let new = holder(&cluster).unwrap();
+    assert_ne!(new, old);
+    let lease = cluster.api.lease(LEASE.0, LEASE.1).unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
+
+    // The new leader read the shared journal: the failover was interrupted, not redone.
+    let entries = journal(&follower);
+    let interrupted = entries
+        .iter()
+        .find(|e| e["rule"] == "failover-when-gaming" && e["event"] == "failed")
+        .unwrap_or_else(|| panic!("{entries:#?}"));
+    assert!(
+        interrupted["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted"),
+        "{interrupted}"
+    );
+    // Alertmanager retries the webhook at the new leader: a duplicate, nothing runs.
+    assert_eq!(webhook(&follower), 200);
+    std::thread::sleep(Duration::from_secs(1));
+    let entries = journal(&follower);
+    assert_eq!(
+        events(&entries, "failover-when-gaming", "started"),
+        1,
+        "{entries:#?}"
+    );
+    let scaled = cluster
+        .api
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/vllm/scale"))
+        .count();
+    assert_eq!(scaled, 1, "vLLM was told to stop once");
+    // All the election asked is what the component's Role grants: get and update (PUT) on
+    // the one Lease.
+    for request in cluster.api.requests() {
+        if request.path.contains("/leases") {
+            assert!(
+                request.path
+                    == "/apis/coordination.k8s.io/v1/namespaces/aistack/leases/aistack-actioner"
+                    && ["GET", "PUT"].contains(&request.method.as_str()),
+                "{} {}",
+                request.method,
+                request.path
+            );
+        }
+    }
+}
+
+#[test]
+fn a_leader_stopped_cleanly_hands_over_at_once() {
+    let cluster = cluster(Duration::from_millis(300));
+    let a = replica(&cluster, "actioner-a");
+    wait_for(Duration::from_secs(10), "a leading", || {
+        ready(&a).then_some(())
+    });
+    let b = replica(&cluster, "actioner-b");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!ready(&b), "b follows while a leads");
+    let stopped = Instant::now();
+    let status = a.terminate();
+    assert!(status.success(), "{status:?}");
+    wait_for(Duration::from_secs(10), "b leading", || {
+        ready(&b).then_some(())
+    });
+    let took = stopped.elapsed();
+    println!(
+        "ha: leader stopped -> the other ready in {:.2}s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the lease was given up, not left to expire: {took:?}"
+    );
+    assert_eq!(holder(&cluster).as_deref(), Some("actioner-b"));
+}
