@@ -8,12 +8,20 @@
 //! — its own clock, never the holder's timestamps, so clock skew between nodes cannot hand
 //! the lease over early.
 //!
-//! A leader that cannot renew for `renew_deadline` (less than `lease_duration`) steps down
-//! by ending the process, before any other replica can see the lease expire: two replicas
-//! never act at once, and an action cut short is journaled as interrupted by the next leader,
-//! which reads the same journal (shared storage) and never runs it again. A follower serves
-//! `/healthz` (alive) but not `/readyz`, so a Service routes webhooks to the leader only; a
-//! request that reaches a follower gets 503 and Alertmanager's retry.
+//! A leader steps down — ends its process — once `renew_deadline` (two thirds of
+//! `lease_duration`) has passed since the *request* of its last successful renewal was sent;
+//! every call to the API server is cut at that deadline, however the network stalls. Another
+//! replica takes over only `lease_duration` after it *received* that renewal: the old leader
+//! has stopped at least a third of a lease duration before, so two replicas never act at once.
+//! An action cut short is journaled as interrupted by the next leader, which reads the same
+//! journal (shared storage) and never runs it again.
+//!
+//! Every replica is ready and may receive webhooks, API calls and button presses (a Service,
+//! a PodDisruptionBudget and rolling updates work as usual): a follower forwards them to the
+//! leader's address, which the leader writes on the Lease (annotation `aistack.io/leader-url`),
+//! and answers what the leader answered; with no leader known it answers 503, and
+//! Alertmanager retries. A follower serves its own `/healthz` and `/metrics`
+//! (`aistack_actioner_leader 0`); `/readyz` answers 200 on the leader only.
 
 use std::time::{Duration, Instant};
 
@@ -85,9 +93,10 @@ impl HaConfig {
         );
         let duration: Duration = self.lease_duration.into();
         problems.check(
-            (Duration::from_secs(4)..=Duration::from_secs(60)).contains(&duration),
+            (Duration::from_secs(4)..=Duration::from_secs(60)).contains(&duration)
+                && duration.subsec_nanos() == 0,
             "ha.lease_duration",
-            "must be between 4s and 60s",
+            "must be whole seconds, between 4s and 60s (the Lease counts in seconds)",
         );
     }
 }
@@ -103,9 +112,11 @@ pub struct Timing {
     pub retry: Duration,
 }
 
-/// This replica's name in the Lease: `POD_NAME`, else the host name.
+/// This process's name in the Lease: `POD_NAME`, else the host name, and a random suffix of
+/// this process (as client-go does), so that two processes of one name — a pod restarted, two
+/// replicas on one host — never both take the lease for theirs.
 pub fn identity() -> String {
-    std::env::var("POD_NAME")
+    let base = std::env::var("POD_NAME")
         .ok()
         .filter(|n| !n.is_empty())
         .or_else(|| {
@@ -114,8 +125,24 @@ pub fn identity() -> String {
                 .map(|h| h.trim().to_owned())
                 .filter(|h| !h.is_empty())
         })
-        .unwrap_or_else(|| "aistack-actioner".into())
+        .unwrap_or_else(|| "aistack-actioner".into());
+    let suffix = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .ok()
+        .and_then(|u| u.trim().get(..8).map(str::to_owned))
+        .unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            format!("{:08x}", nanos ^ std::process::id())
+        });
+    format!("{base}_{suffix}")
 }
+
+/// The annotation on the Lease that holds the leader's URL, for followers to forward to.
+pub const LEADER_URL: &str = "aistack.io/leader-url";
+
+/// Marks a request a follower forwarded, so that it is never forwarded again.
+pub const FORWARDED: &str = "x-aistack-forwarded";
 
 /// Where a round left this replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +161,10 @@ pub struct Elector {
     timing: Timing,
     /// The record last read (its resourceVersion) and when it was first seen so.
     observed: Option<(Option<String>, Instant)>,
+    /// Where other replicas reach this one, written on the Lease while it leads.
+    advertise: Option<String>,
+    /// The leader's URL as the Lease last said (`None`: no leader known, or this replica).
+    leader_url: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Elector {
@@ -161,23 +192,39 @@ fn conflict(err: &kube::Error) -> bool {
 impl Elector {
     /// For the Lease `namespace/name`, as `identity`, through the in-cluster account or
     /// `KUBECONFIG`.
+    /// Reachable by the other replicas at `advertise`. Every API call is cut after `retry`.
     pub async fn connect(
         namespace: &str,
         name: &str,
         identity: String,
         timing: Timing,
+        advertise: Option<String>,
     ) -> Result<Self, String> {
         aistack_common::install_tls_provider();
-        let client = kube::Client::try_default().await.map_err(|e| {
-            format!("no Kubernetes API for the lease: {e} (in a pod: its service account; elsewhere: KUBECONFIG)")
-        })?;
+        let no_api = |e: &dyn std::fmt::Display| {
+            format!(
+                "no Kubernetes API for the lease: {e} (in a pod: its service account; elsewhere: KUBECONFIG)"
+            )
+        };
+        let mut config = kube::Config::infer().await.map_err(|e| no_api(&e))?;
+        config.connect_timeout = Some(timing.retry);
+        config.read_timeout = Some(timing.retry);
+        config.write_timeout = Some(timing.retry);
+        let client = kube::Client::try_from(config).map_err(|e| no_api(&e))?;
         Ok(Self {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             identity,
             timing,
             observed: None,
+            advertise,
+            leader_url: watch::Sender::new(None),
         })
+    }
+
+    /// The leader's URL as last read from the Lease.
+    pub fn leader_url(&self) -> watch::Receiver<Option<String>> {
+        self.leader_url.subscribe()
     }
 
     /// This replica's identity.
@@ -206,18 +253,29 @@ impl Elector {
         }
     }
 
+    fn annotate(&self, metadata: &mut ObjectMeta) {
+        let annotations = metadata.annotations.get_or_insert_with(Default::default);
+        match &self.advertise {
+            Some(url) => annotations.insert(LEADER_URL.into(), url.clone()),
+            None => annotations.remove(LEADER_URL),
+        };
+    }
+
     /// One round: reads the Lease, renews it if held, takes it over if free or expired.
     pub async fn round(&mut self) -> Result<Standing, String> {
-        let seen = Instant::now();
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-        let Some(lease) = self.api.get_opt(&self.name).await.map_err(|e| why(&e))? else {
-            let lease = Lease {
+        let read = self.api.get_opt(&self.name).await.map_err(|e| why(&e))?;
+        // When this replica learnt of the record: after the answer, never before (client-go).
+        let seen = Instant::now();
+        let Some(lease) = read else {
+            let mut lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(None, now)),
             };
+            self.annotate(&mut lease.metadata);
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observed = Some((created.metadata.resource_version, seen));
@@ -244,10 +302,18 @@ impl Elector {
             .map_or(self.timing.lease_duration, Duration::from_secs);
         let expired = holder.is_none() || seen.duration_since(observed_at) >= their_duration;
         if !mine && !expired {
+            let url = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LEADER_URL))
+                .cloned();
+            self.leader_url.send_replace(url);
             return Ok(Standing::Follower(holder));
         }
         let mut next = lease;
         next.spec = Some(self.spec(Some(&spec), now));
+        self.annotate(&mut next.metadata);
         match self
             .api
             .replace(&self.name, &PostParams::default(), &next)
@@ -258,6 +324,7 @@ impl Elector {
                     tracing::info!(lease = %self.name, previous = holder.as_deref().unwrap_or("nobody"), "took the lease over");
                 }
                 self.observed = Some((written.metadata.resource_version, seen));
+                self.leader_url.send_replace(None);
                 Ok(Standing::Leader)
             }
             // Another replica wrote first: it renewed, or took the lease.
@@ -279,6 +346,9 @@ impl Elector {
             lease_duration_seconds: Some(1),
             ..spec
         });
+        if let Some(annotations) = &mut next.metadata.annotations {
+            annotations.remove(LEADER_URL);
+        }
         self.api
             .replace(&self.name, &PostParams::default(), &next)
             .await
@@ -287,12 +357,13 @@ impl Elector {
     }
 
     /// Rounds every `retry` until this replica leads; a failing API server is logged (when
-    /// what it says changes) and retried.
-    pub async fn wait_for_leadership(&mut self) {
+    /// what it says changes) and retried. Returns when the winning round's request was sent.
+    pub async fn wait_for_leadership(&mut self) -> Instant {
         let mut last = None::<String>;
         loop {
+            let sent = Instant::now();
             let said = match self.round().await {
-                Ok(Standing::Leader) => return,
+                Ok(Standing::Leader) => return sent,
                 Ok(Standing::Follower(holder)) => format!(
                     "following: the lease is held by {}",
                     holder.as_deref().unwrap_or("another replica")
@@ -306,54 +377,157 @@ impl Elector {
             tokio::time::sleep(self.timing.retry).await;
         }
     }
+}
 
-    /// Renews every `retry` while this replica leads; returns why it no longer may (another
-    /// replica holds the lease, or no renewal succeeded for `renew_deadline`).
-    pub async fn hold(&mut self) -> String {
-        let mut renewed = Instant::now();
-        loop {
-            tokio::time::sleep(self.timing.retry).await;
-            match self.round().await {
-                Ok(Standing::Leader) => renewed = Instant::now(),
-                Ok(Standing::Follower(holder)) => {
-                    return format!(
-                        "lost the lease to {}",
-                        holder.as_deref().unwrap_or("another replica")
-                    );
-                }
-                Err(err) => {
-                    let since = renewed.elapsed();
-                    if since >= self.timing.renew_deadline {
-                        return format!("could not renew the lease for {since:.1?} (last: {err})");
-                    }
-                    tracing::warn!(lease = %self.name, error = %err, "renewing the lease failed; retrying");
-                }
+/// Renews every `retry` while this replica leads, from the winning round sent at `won`;
+/// returns why it no longer may: another replica holds the lease, or `renew_deadline` passed
+/// since the request of the last successful renewal was sent (every call is cut there).
+pub async fn hold(elector: std::sync::Arc<tokio::sync::Mutex<Elector>>, won: Instant) -> String {
+    let (timing, name) = {
+        let e = elector.lock().await;
+        (e.timing, e.name.clone())
+    };
+    let mut renewed = won;
+    loop {
+        let deadline = tokio::time::Instant::from_std(renewed + timing.renew_deadline);
+        let next = tokio::time::Instant::now() + timing.retry;
+        tokio::time::sleep_until(next.min(deadline)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return format!(
+                "could not renew the lease within {:.1?}",
+                timing.renew_deadline
+            );
+        }
+        let sent = Instant::now();
+        let round = tokio::time::timeout_at(deadline, async { elector.lock().await.round().await });
+        match round.await {
+            Ok(Ok(Standing::Leader)) => renewed = sent,
+            Ok(Ok(Standing::Follower(holder))) => {
+                return format!(
+                    "lost the lease to {}",
+                    holder.as_deref().unwrap_or("another replica")
+                );
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(lease = %name, error = %err, "renewing the lease failed; retrying until the renew deadline");
+            }
+            Err(_) => {
+                return format!(
+                    "could not renew the lease within {:.1?} (the API server did not answer)",
+                    timing.renew_deadline
+                );
             }
         }
     }
 }
 
-/// What a follower serves: alive (`/healthz` 200), not ready (`/readyz` 503), and 503 with
-/// `Retry-After` for everything else, saying which lease decides.
-pub fn follower_router(lease: &str) -> Router {
+/// What a follower serves: `/healthz` (alive), `/metrics` (`aistack_actioner_leader 0`),
+/// `/readyz` 503 (it does not act), and every other request forwarded to the leader at the URL
+/// the Lease names — its answer, or 503 with `Retry-After` when no leader is known or it does
+/// not answer. A request a follower forwarded is never forwarded again.
+pub fn follower_router(
+    lease: &str,
+    leader: watch::Receiver<Option<String>>,
+    max_body_bytes: usize,
+) -> Router {
     let lease = lease.to_owned();
-    let not_leader = move || {
-        let body = format!("not the leader: the holder of the lease {lease} acts; retry\n");
-        async move {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "5")],
-                body,
-            )
-                .into_response()
-        }
-    };
+    let client = aistack_common::http_client(|builder| {
+        builder
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
+    })
+    .ok();
     Router::new()
         .route(
             "/healthz",
             axum::routing::get(|| async { "ok (follower)\n" }),
         )
-        .fallback(not_leader)
+        .route(
+            "/readyz",
+            axum::routing::get(|| async {
+                (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n")
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    "# HELP aistack_actioner_leader 1 on the replica that acts (the holder of the lease, or an actioner without ha), 0 on a follower.\n# TYPE aistack_actioner_leader gauge\naistack_actioner_leader 0\n",
+                )
+            }),
+        )
+        .fallback(move |request: Request| {
+            let url = leader.borrow().clone();
+            let (client, lease) = (client.clone(), lease.clone());
+            async move { forward(client, url, &lease, request, max_body_bytes).await }
+        })
+}
+
+fn unavailable(why: String) -> axum::response::Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        why,
+    )
+        .into_response()
+}
+
+/// Sends `request` on to the leader at `leader` and answers what it answered.
+async fn forward(
+    client: Option<reqwest::Client>,
+    leader: Option<String>,
+    lease: &str,
+    request: Request,
+    max_body_bytes: usize,
+) -> axum::response::Response {
+    if request.headers().contains_key(FORWARDED) {
+        return unavailable("not the leader either: the leader moved; retry\n".into());
+    }
+    let (Some(client), Some(leader)) = (client, leader) else {
+        return unavailable(format!(
+            "not the leader, and no leader is known: the holder of the lease {lease} acts; retry\n"
+        ));
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, max_body_bytes).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut outgoing = client
+        .request(
+            parts.method,
+            format!("{}{path}", leader.trim_end_matches('/')),
+        )
+        .header(FORWARDED, "1")
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != header::HOST && name != header::CONTENT_LENGTH && name != header::CONNECTION {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let answer = match outgoing.send().await {
+        Ok(answer) => answer,
+        Err(err) => {
+            tracing::debug!(%leader, error = %err, "forwarding to the leader failed");
+            return unavailable(format!("the leader ({leader}) does not answer; retry\n"));
+        }
+    };
+    let status = answer.status();
+    let headers = answer.headers().clone();
+    let body = answer.bytes().await.unwrap_or_default();
+    let mut response = (status, body).into_response();
+    for name in [
+        header::CONTENT_TYPE,
+        header::RETRY_AFTER,
+        header::WWW_AUTHENTICATE,
+    ] {
+        if let Some(value) = headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
 }
 
 /// A router that serves whatever `current` holds now: the follower's until this replica

@@ -12,6 +12,8 @@ use aistack_common::config::{self, ConfigError};
 use aistack_common::{logging, server};
 use anyhow::Context as _;
 use clap::Parser as _;
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
@@ -84,9 +86,9 @@ fn run(cli: &Cli, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     })
 }
 
-/// With `ha:`: serve as a follower until this replica holds the lease, then open the journal
-/// and act; exit when the lease is lost (the next leader reads the same journal), give it up
-/// at a clean stop.
+/// With `ha:`: serve as a follower (forwarding to the leader) until this replica holds the
+/// lease, then open the journal and act; exit at once when the lease may be lost (the next
+/// leader reads the same journal), give it up at a clean stop.
 async fn run_ha(
     config: &Config,
     ha: &HaConfig,
@@ -95,49 +97,91 @@ async fn run_ha(
     limits: server::ConnectionLimits,
 ) -> anyhow::Result<()> {
     let (namespace, name) = ha.lease().context("ha.lease")?;
-    let mut elector = Elector::connect(namespace, name, ha::identity(), ha.timing())
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    tracing::info!(lease = %ha.lease, identity = %elector.identity(), "high availability: acting only while holding the lease");
-    let (router_tx, router_rx) = watch::channel(ha::follower_router(&ha.lease));
+    let advertise = advertise_url(&listener);
+    let elector = Elector::connect(
+        namespace,
+        name,
+        ha::identity(),
+        ha.timing(),
+        advertise.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(lease = %ha.lease, identity = %elector.identity(), advertise = advertise.as_deref().unwrap_or("none (set POD_IP)"), "high availability: acting only while holding the lease");
+    let follower = ha::follower_router(
+        &ha.lease,
+        elector.leader_url(),
+        config.limits.max_body_bytes,
+    );
+    let (router_tx, router_rx) = watch::channel(follower);
     let server = tokio::spawn(server::serve(
         listener,
         ha::switching_router(router_rx),
         limits,
     ));
-    let mut leading = false;
-    let outcome = {
-        let leading = &mut leading;
-        let elector = &mut elector;
-        let election = async move {
-            elector.wait_for_leadership().await;
-            *leading = true;
-            tracing::info!(lease = %ha.lease, "leading: reading the journal back");
-            let actions = build_actions(config)?;
-            let actioner = Actioner::start(config, auth, actions)?;
+    let elector = Arc::new(tokio::sync::Mutex::new(elector));
+    let holding = std::sync::OnceLock::<tokio::task::AbortHandle>::new();
+    let leading = async {
+        let won = elector.lock().await.wait_for_leadership().await;
+        // Renewing from now on, also while the journal is read back.
+        let hold = tokio::spawn(ha::hold(elector.clone(), won));
+        let _ = holding.set(hold.abort_handle());
+        tracing::info!(lease = %ha.lease, "leading: reading the journal back");
+        let actions = build_actions(config)?;
+        let actioner = Actioner::start(config, auth, actions)?;
+        if !hold.is_finished() {
             // The follower router goes; from now on requests reach the actioner.
             drop(router_tx.send_replace(actioner.router.clone()));
-            let why = elector.hold().await;
-            anyhow::Ok(why)
-        };
-        tokio::select! {
-            served = server => Served::Stopped(served),
-            lost = election => Served::Lost(lost),
         }
+        let why = hold.await.context("the lease task")?;
+        drop(actioner);
+        anyhow::Ok(why)
     };
+    let outcome = tokio::select! {
+        served = server => Served::Stopped(served),
+        lost = leading => Served::Lost(lost),
+    };
+    if let Served::Lost(Ok(why)) = &outcome {
+        // Nothing may act past this point: no unwinding, no waiting for running actions.
+        tracing::error!(lease = %ha.lease, "{why}: stopping at once, so that only the leader acts");
+        std::process::exit(1);
+    }
+    if let Some(hold) = holding.get() {
+        hold.abort();
+    }
+    let release = async { elector.lock().await.release().await };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "could not give the lease up; another replica takes it over when it expires")
+        }
+        Err(_) => tracing::warn!(
+            "giving the lease up timed out; another replica takes it over when it expires"
+        ),
+    }
     match outcome {
         Served::Stopped(served) => {
-            if leading && let Err(err) = elector.release().await {
-                tracing::warn!(error = %err, "could not give the lease up; another replica takes it over when it expires");
-            }
             served.context("the server task")??;
             Ok(())
         }
-        Served::Lost(Ok(why)) => Err(anyhow::anyhow!(
-            "{why}: stopping, so that only the leader acts"
-        )),
+        Served::Lost(Ok(_)) => unreachable!("exited above"),
         Served::Lost(Err(err)) => Err(err),
     }
+}
+
+/// Where the other replicas reach this one: `http://$POD_IP:PORT` in a pod, else the address
+/// it listens on when that is a specific one (not 0.0.0.0 or ::).
+fn advertise_url(listener: &tokio::net::TcpListener) -> Option<String> {
+    let local = listener.local_addr().ok()?;
+    let ip = match std::env::var("POD_IP").ok().filter(|ip| !ip.is_empty()) {
+        Some(ip) => ip.parse().ok()?,
+        None if local.ip().is_unspecified() => return None,
+        None => local.ip(),
+    };
+    Some(format!(
+        "http://{}",
+        std::net::SocketAddr::new(ip, local.port())
+    ))
 }
 
 enum Served {

@@ -94,6 +94,14 @@ impl Metrics {
             "Version and git revision of aistack-actioner; always 1.",
             build,
         );
+        // A running recorder acts: this replica leads (a follower serves its own 0).
+        let leader = Gauge::<i64>::default();
+        leader.set(1);
+        registry.register(
+            "actioner_leader",
+            "1 on the replica that acts (the holder of the lease, or an actioner without ha), 0 on a follower.",
+            leader,
+        );
         let webhooks = Family::<CodeLabel, Counter>::default();
         registry.register(
             "actioner_webhooks",

@@ -57,6 +57,8 @@ struct Cluster {
     deployments: BTreeMap<(String, String), Workload>,
     services: BTreeMap<(String, String), Value>,
     leases: BTreeMap<(String, String), Value>,
+    /// Lease requests hang while set (an API server that stopped answering).
+    stalled: bool,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -381,6 +383,9 @@ async fn lease(
     body: Bytes,
 ) -> Response {
     let path = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}");
+    while shared.lock().unwrap().stalled {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut cluster = shared.lock().unwrap();
     let mut object = match admit(&mut cluster, &method, &path, &headers, &body) {
         Ok(p) => p,
@@ -634,6 +639,11 @@ impl FakeKubernetes {
                 "spec": {}
             }),
         );
+    }
+
+    /// Makes Lease requests hang (`true`) until set back: the API server stalls.
+    pub fn stall_leases(&self, stalled: bool) {
+        self.cluster.lock().unwrap().stalled = stalled;
     }
 
     /// A Lease as stored, if any.
