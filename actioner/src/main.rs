@@ -150,7 +150,8 @@ async fn run_ha(
         hold.abort();
     }
     let release = async { elector.lock().await.release().await };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
+    let released = tokio::time::timeout(std::time::Duration::from_secs(2), release).await;
+    match &released {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
             tracing::warn!(error = %err, "could not give the lease up; another replica takes it over when it expires")
@@ -162,6 +163,12 @@ async fn run_ha(
     match outcome {
         Served::Stopped(served) => {
             served.context("the server task")??;
+            // Once given up, another replica may lead at its next round: nothing of this one
+            // (a run still going, a journal write on a blocking thread) may go on past here.
+            if matches!(released, Ok(Ok(()))) {
+                tracing::info!(lease = %ha.lease, "gave the lease up; stopping");
+                std::process::exit(0);
+            }
             Ok(())
         }
         Served::Lost(Ok(_)) => unreachable!("exited above"),

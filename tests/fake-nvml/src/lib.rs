@@ -231,15 +231,7 @@ fn with_device(
     else {
         return ERROR_INVALID_ARGUMENT;
     };
-    // Lost as the scenario says now, not as of the last device count: a GPU falls off the bus
-    // between two samples, and the XID thread must see it lost at once, as with the real driver.
-    let now = load_cached();
-    let current = device
-        .uuid
-        .as_ref()
-        .and_then(|u| now.devices.iter().find(|d| d.uuid.as_ref() == Some(u)))
-        .unwrap_or(device);
-    if current.lost || current.lost_calls.iter().any(|c| c == call) {
+    if device.lost || device.lost_calls.iter().any(|c| c == call) {
         return ERROR_GPU_IS_LOST;
     }
     f(device)
@@ -1056,8 +1048,30 @@ pub struct EventData {
     compute_instance_id: c_uint,
 }
 
-/// The next undelivered XID of a device registered in `set`, with that device's handle now.
+/// The next undelivered XID of a device registered in `set`, with that device's handle now;
+/// the device then answers as lost if the scenario says so.
 fn next_event(set: EventSet) -> Result<Option<(Device, c_ulonglong)>, NvmlReturn> {
+    let Some((handle, xid, device)) = next_xid(set)? else {
+        return Ok(None);
+    };
+    // The driver reports an XID once it knows of the fault: a GPU the scenario now says is
+    // lost answers GPU_IS_LOST from here on, not only after the next device count (the XID
+    // thread asks it at once). Outside `events`: STATE is taken before EVENTS elsewhere.
+    if let Some(known) = STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_mut()
+        .and_then(|s| s.devices.iter_mut().find(|d| d.uuid == device.uuid))
+    {
+        known.lost = device.lost;
+        known.lost_calls.clone_from(&device.lost_calls);
+    }
+    Ok(Some((handle, xid)))
+}
+
+/// The next undelivered XID of a device registered in `set`, with that device (as the
+/// scenario has it now) and its handle.
+fn next_xid(set: EventSet) -> Result<Option<(Device, c_ulonglong, FakeDevice)>, NvmlReturn> {
     if STATE
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1092,7 +1106,7 @@ fn next_event(set: EventSet) -> Result<Option<(Device, c_ulonglong)>, NvmlReturn
             if let Some(&xid) = device.xids.get(count) {
                 delivered.insert(uuid.clone(), count + 1);
                 write_delivered(delivered);
-                return Ok(Some(((index + 1) as Device, xid)));
+                return Ok(Some(((index + 1) as Device, xid, device.clone())));
             }
         }
         Ok(None)
