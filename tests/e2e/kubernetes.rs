@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use aistack_tests::kubernetes::{FakeKubernetes, Pods, Recorded};
 use aistack_tests::stub::{StubServer, gpu_report};
-use aistack_tests::{Daemon, binary, get_with_token, post_json, wait_for, workspace_root};
+use aistack_tests::{
+    Daemon, binary, copy_tree, fake_nvml_library, fixtures, get, get_with_token, post_json,
+    wait_for, workspace_root,
+};
 use serde_json::json;
 
 const TOKEN: &str = "0123456789abcdef";
@@ -447,6 +450,124 @@ fn with_gpu_nodes_failback_waits_until_no_node_has_a_game() {
     b.set("/api/v1/gpu", 200, &gpu_report(false));
     let done = trigger(&setup, "failback", r#"{"node": "127.0.0.2"}"#);
     assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
+}
+
+/// One node's real exporter (the stand-in NVML answering for its GPU, its own procfs) on
+/// `address`; `game` puts a game (`Cyberpunk2077.exe`, pid 4242, 6 GiB) on its GPU.
+struct Node {
+    dir: tempfile::TempDir,
+    exporter: Daemon,
+}
+
+impl Node {
+    fn start(address: &str, game: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tree(&fixtures().join("roots/t0"), dir.path());
+        let proc = dir.path().join("proc/4242");
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("comm"), "Cyberpunk2077.e\n").unwrap();
+        std::fs::write(proc.join("cmdline"), "Z:\\Cyberpunk2077.exe\0").unwrap();
+        std::fs::write(
+            proc.join("cgroup"),
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n",
+        )
+        .unwrap();
+        Self::set_game(dir.path(), game);
+        let config = dir.path().join("exporter.yaml");
+        std::fs::write(
+            &config,
+            format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
+        )
+        .unwrap();
+        let mut command = Command::new(binary("aistack-exporter"));
+        command.env("FAKE_NVML_SCENARIO", dir.path().join("scenario.json"));
+        let exporter = Daemon::start_on(
+            command,
+            &[
+                "--config.file",
+                config.to_str().unwrap(),
+                "--path.procfs",
+                dir.path().join("proc").to_str().unwrap(),
+                "--path.sysfs",
+                dir.path().join("sys").to_str().unwrap(),
+            ],
+            address,
+        );
+        Self { dir, exporter }
+    }
+
+    fn set_game(dir: &std::path::Path, game: bool) {
+        let path = dir.join("scenario.json");
+        let mut scenario: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("gpu/rtx-4080-super.json")).unwrap(),
+        )
+        .unwrap();
+        scenario["devices"][0]["processes"] = if game {
+            json!([{"pid": 4242, "name": "Cyberpunk2077.exe", "kind": "graphics", "used_memory_bytes": 6_442_450_944_u64}])
+        } else {
+            json!([])
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, scenario.to_string()).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    /// Whether its GPU API says a game holds the GPU (waiting for it to say `want`).
+    fn wait_gaming(&self, want: bool) {
+        wait_for(Duration::from_secs(20), "the GPU API", || {
+            let report: serde_json::Value =
+                serde_json::from_str(&get(&self.exporter.url("/api/v1/gpu")).body).ok()?;
+            (report["gpus"][0]["host_workload_active"] == want).then_some(())
+        });
+    }
+
+    fn game(&self, on: bool) {
+        Self::set_game(self.dir.path(), on);
+        self.wait_gaming(on);
+    }
+}
+
+/// The same with the real exporter binaries on two "nodes" (127.0.0.1 and 127.0.0.2, one
+/// port): a game on node B fails over from B's alert and fails back by B's own GPU, while node
+/// A — where the actioner would have asked before — has a game of its own at the end.
+#[test]
+fn two_real_exporters_a_game_on_node_b_is_handled_by_bs_gpu() {
+    let port = (0..50)
+        .find_map(|_| {
+            let first = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = first.local_addr().ok()?.port();
+            std::net::TcpListener::bind(("127.0.0.2", port)).ok()?;
+            Some(port)
+        })
+        .expect("a port free on both addresses");
+    let a = Node::start(&format!("127.0.0.1:{port}"), false);
+    let b = Node::start(&format!("127.0.0.2:{port}"), true);
+    a.wait_gaming(false);
+    b.wait_gaming(true);
+    let api = ml_mode();
+    let kubeconfig = api.kubeconfig.clone();
+    let pattern = format!("http://{{node}}:{port}");
+    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern), "");
+    let b_instance = format!("127.0.0.2:{port}");
+
+    webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &b_instance);
+    assert_eq!(
+        wait_for_end(&setup, "failover-when-gaming")["event"],
+        "succeeded"
+    );
+    let early = trigger(&setup, "failback", r#"{"node": "127.0.0.2"}"#);
+    assert_eq!(early["status"], "skipped", "{early}");
+    assert!(
+        early["detail"].as_str().unwrap().contains("Cyberpunk"),
+        "{early}"
+    );
+
+    b.game(false);
+    a.game(true);
+    webhook_from(&setup, "resolved", "2026-11-22T23:00:00Z", &b_instance);
+    let end = wait_for_end(&setup, "failback");
+    assert_eq!(end["event"], "succeeded", "{end}");
     assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
 }
 
