@@ -324,6 +324,8 @@ mod tests {
             container: String::new(),
             service: service.into(),
             host_workload,
+            namespace: String::new(),
+            pod: String::new(),
         }
     }
 

@@ -187,6 +187,15 @@ fn gpu(
         tracing::info!(collector = "gpu", path = %file.display(), "GPUs seen are remembered across restarts");
         gpu = gpu.with_roster_file(file, &config.gpu.forget);
     }
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some();
+    if config.discovery.kubernetes
+        && in_cluster
+        && let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty())
+    {
+        tracing::info!(collector = "gpu", %node, "naming GPU processes in pods from the node's pods");
+        gpu = gpu.with_pods(crate::collectors::gpu::pods::watch_node(node), true);
+    }
     Ok(match containers {
         Some(docker) => gpu.with_containers(docker.subscribe(), config.discovery.docker),
         None => gpu,

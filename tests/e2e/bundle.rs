@@ -612,8 +612,18 @@ fn the_kubernetes_base_builds_and_holds_together() {
             .any(|e| e["name"] == "STATE_DIRECTORY" && e["value"] == "/var/lib/aistack/exporter"),
         "{env:?}"
     );
-    // Least privilege: a namespaced Role on named objects, no wildcard, nothing cluster-wide.
-    assert!(!objects.iter().any(|o| o["kind"] == "ClusterRole"));
+    // Least privilege: a namespaced Role on named objects, no wildcard; cluster-wide only the
+    // exporter's read-only list of pods (its node's, by field selector).
+    let cluster_roles: Vec<&serde_yaml::Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole")
+        .collect();
+    assert_eq!(cluster_roles.len(), 1, "{cluster_roles:?}");
+    let pods: serde_yaml::Value =
+        serde_yaml::from_str(r#"[{apiGroups: [""], resources: [pods], verbs: [list]}]"#).unwrap();
+    assert_eq!(cluster_roles[0]["rules"], pods);
+    let exporter_spec = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(exporter_spec["serviceAccountName"], "aistack-exporter");
     let role = find("Role", "aistack-actioner");
     for rule in role["rules"].as_sequence().unwrap() {
         assert!(

@@ -671,6 +671,120 @@ fn a_memory_temperature_of_zero_is_no_reading() {
     );
 }
 
+/// GPU processes in Kubernetes pods: their cgroups name pod and container, the exporter lists
+/// its node's pods from the (stand-in) API server with `spec.nodeName`, and labels the process
+/// series with namespace, pod and container. A pod of a known inference image is a service;
+/// another pod holding GPU memory is host workload, as a Docker container would be.
+#[test]
+fn processes_in_pods_are_named_and_inference_pods_are_services() {
+    const VLLM_ID: &str = "aa2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b";
+    const COMFY_ID: &str = "bb2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b";
+    let api = aistack_tests::kubernetes::FakeKubernetes::start();
+    api.add_pod(
+        "ml",
+        "vllm-7d9f8c6b5-x2x9q",
+        "gpu-b",
+        "vllm",
+        "vllm/vllm-openai:v0.6.4",
+        VLLM_ID,
+    );
+    api.add_pod(
+        "art",
+        "comfyui-0",
+        "gpu-b",
+        "comfyui",
+        "ghcr.io/ai-dock/comfyui:latest",
+        COMFY_ID,
+    );
+    // Another node's pod is not listed for this one.
+    api.add_pod(
+        "ml",
+        "ollama-0",
+        "gpu-a",
+        "ollama",
+        "ollama/ollama:0.5.4",
+        &"c".repeat(64),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), dir.path());
+    for (pid, cgroup) in [
+        // cgroup v2, systemd driver, containerd: the common K3s and kubeadm layout.
+        (
+            6001,
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5b1c0f7e_3333_4000_8000_000000000001.slice/cri-containerd-{VLLM_ID}.scope\n"
+            ),
+        ),
+        // cgroupfs driver (K3s without systemd).
+        (
+            6002,
+            format!("0::/kubepods/besteffort/pod5b1c0f7e-3333-4000-8000-000000000002/{COMFY_ID}\n"),
+        ),
+    ] {
+        let proc = dir.path().join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("comm"), "python3\n").unwrap();
+        std::fs::write(proc.join("cmdline"), "python3\0/app/server.py\0").unwrap();
+        std::fs::write(proc.join("cgroup"), cgroup).unwrap();
+    }
+    let mut scenario = recorded("rtx-4080-super.json");
+    scenario["devices"][0]["processes"] = serde_json::json!([
+        {"pid": 6001, "kind": "compute", "used_memory_bytes": 12_884_901_888_u64},
+        {"pid": 6002, "kind": "compute", "used_memory_bytes": 4_294_967_296_u64}
+    ]);
+    let path = dir.path().join("scenario.json");
+    write_scenario(&path, &scenario);
+    let config = dir.path().join("exporter.yaml");
+    std::fs::write(
+        &config,
+        format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
+    )
+    .unwrap();
+    let mut command = Command::new(binary(EXPORTER));
+    command
+        .env("FAKE_NVML_SCENARIO", &path)
+        .env("KUBECONFIG", &api.kubeconfig)
+        .env("NODE_NAME", "gpu-b")
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let exporter = Daemon::start_with(
+        command,
+        &[
+            "--config.file",
+            config.to_str().unwrap(),
+            "--path.procfs",
+            dir.path().join("proc").to_str().unwrap(),
+            "--path.sysfs",
+            dir.path().join("sys").to_str().unwrap(),
+        ],
+    );
+    let vllm = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6001",process="python3",kind="compute",container="vllm",service="vllm",namespace="ml",pod="vllm-7d9f8c6b5-x2x9q"}"#;
+    let comfy = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6002",process="python3",kind="compute",container="comfyui",service="",namespace="art",pod="comfyui-0"}"#;
+    let body = wait_for_value(&exporter, vllm, 12_884_901_888.0);
+    assert_eq!(value(&body, comfy), Some(4_294_967_296.0), "{body}");
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    // The inference pod is no host workload; the other pod is.
+    let api_view = gpu_api(&exporter);
+    assert_eq!(
+        api_view["gpus"][0]["host_workload_active"], true,
+        "{api_view}"
+    );
+    assert_eq!(
+        api_view["gpus"][0]["host_workload_processes"],
+        serde_json::json!(["python3"]),
+        "{api_view}"
+    );
+    // It asked for its own node's pods only, and nothing else of the API server.
+    let requests = api.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("GET", "/api/v1/pods")
+        );
+    }
+}
+
 /// With NVML gone as a whole, the GPUs seen before read down (an eGPU that was the only
 /// GPU), and XID counters stay.
 #[test]

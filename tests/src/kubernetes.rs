@@ -57,6 +57,8 @@ struct Cluster {
     deployments: BTreeMap<(String, String), Workload>,
     services: BTreeMap<(String, String), Value>,
     leases: BTreeMap<(String, String), Value>,
+    /// Pods, listed across namespaces with a `spec.nodeName` field selector.
+    pods: Vec<Value>,
     /// Lease requests hang while set (an API server that stopped answering).
     stalled: bool,
     requests: Vec<Recorded>,
@@ -425,6 +427,39 @@ async fn lease(
     ok(&object)
 }
 
+/// `GET /api/v1/pods?fieldSelector=spec.nodeName=NODE`: a PodList of that node's pods (all
+/// pods without a selector), as the API server answers it.
+async fn pods(
+    State(shared): State<Shared>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut cluster = shared.lock().unwrap();
+    if let Err(answer) = admit(&mut cluster, &method, uri.path(), &headers, &body) {
+        return *answer;
+    }
+    let query = uri.query().unwrap_or_default();
+    let node = query.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("fieldSelector=")?;
+        let value = value.replace("%3D", "=").replace("%3d", "=");
+        value.strip_prefix("spec.nodeName=").map(str::to_owned)
+    });
+    let items: Vec<Value> = cluster
+        .pods
+        .iter()
+        .filter(|p| node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n))
+        .cloned()
+        .collect();
+    let version = cluster.resource_version.to_string();
+    ok(&json!({
+        "kind": "PodList", "apiVersion": "v1",
+        "metadata": {"resourceVersion": version},
+        "items": items
+    }))
+}
+
 async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     status_error(
         404,
@@ -483,6 +518,7 @@ impl FakeKubernetes {
                     "/api/v1/namespaces/{ns}/services/{name}",
                     get(service).patch(service),
                 )
+                .route("/api/v1/pods", get(pods))
                 .route(
                     "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
                     axum::routing::post(leases),
@@ -639,6 +675,33 @@ impl FakeKubernetes {
                 "spec": {}
             }),
         );
+    }
+
+    /// Adds a running pod on `node` with one container `container` running `image`, whose
+    /// container id is `container_id` (containerd's), as the API server shows it.
+    pub fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        container: &str,
+        image: &str,
+        container_id: &str,
+    ) {
+        let mut cluster = self.cluster.lock().unwrap();
+        let version = cluster.next_version();
+        let uid = format!("5b1c0f7e-3333-4000-8000-{:012}", cluster.resource_version);
+        cluster.pods.push(json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": version,
+                         "creationTimestamp": "2026-12-07T09:12:44Z", "labels": {"app": container}},
+            "spec": {"nodeName": node, "containers": [{"name": container, "image": image, "resources": {}}],
+                     "restartPolicy": "Always", "schedulerName": "default-scheduler"},
+            "status": {"phase": "Running", "podIP": "10.42.1.17", "qosClass": "BestEffort",
+                       "containerStatuses": [{"name": container, "ready": true, "restartCount": 0, "started": true,
+                                              "image": format!("docker.io/{image}"), "imageID": format!("docker.io/{image}@sha256:00"),
+                                              "containerID": format!("containerd://{container_id}"),
+                                              "state": {"running": {"startedAt": "2026-12-07T09:12:50Z"}}}]}
+        }));
     }
 
     /// Makes Lease requests hang (`true`) until set back: the API server stalls.

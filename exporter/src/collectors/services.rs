@@ -39,11 +39,18 @@ pub struct DiscoveryConfig {
     /// Probe containers of known inference images (vllm/vllm-openai, ollama/ollama,
     /// open-webui, localai) without config (default true; needs the docker collector).
     pub docker: bool,
+    /// On Kubernetes (`NODE_NAME` set, and the in-cluster account or `KUBECONFIG`): name the
+    /// pods GPU processes run in from the node's pods, and count processes in pods of known
+    /// inference images as services (default true).
+    pub kubernetes: bool,
 }
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        Self { docker: true }
+        Self {
+            docker: true,
+            kubernetes: true,
+        }
     }
 }
 

@@ -64,7 +64,7 @@ pub fn read_identity(procfs: &Path, pid: u32) -> ProcessIdentity {
         .unwrap_or_default();
     let container_id = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
-        .and_then(|c| parse_container_id(&c));
+        .and_then(|c| parse_container_id(&c).or_else(|| super::pods::parse_pod(&c)?.container_id));
     ProcessIdentity {
         comm,
         argv0,
@@ -97,14 +97,18 @@ impl IdentityCache {
     }
 }
 
-/// What the Docker engine says about the container a GPU process runs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the Docker engine (or the node's pods) says about the container a GPU process runs in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerRef {
-    /// Its name.
+    /// Its name (in a pod: the container's name in the pod spec).
     pub name: String,
-    /// It runs a known inference image and `discovery.docker` is on: its processes belong to
-    /// the discovered service named after it.
+    /// It runs a known inference image and discovery is on: its processes belong to the
+    /// discovered service named after it.
     pub inference: bool,
+    /// In a pod: its namespace and name; empty for a Docker container.
+    pub namespace: String,
+    /// See `namespace`.
+    pub pod: String,
 }
 
 /// How processes are attributed, compiled from the config.
@@ -175,6 +179,10 @@ impl Attribution {
         let empty = ProcessIdentity::default();
         let id = identity.unwrap_or(&empty);
         let known = id.container_id.as_deref().and_then(containers);
+        let known_pod = known
+            .as_ref()
+            .map(|k| (k.namespace.clone(), k.pod.clone()))
+            .unwrap_or_default();
         let container = match (&known, id.container_id.as_deref()) {
             (Some(known), _) => known.name.clone(),
             (None, Some(full)) => full[..12].to_owned(),
@@ -223,6 +231,7 @@ impl Attribution {
             } else {
                 self.count_unattributed
             };
+        let (namespace, pod) = known_pod;
         GpuProcess {
             pid: process.pid,
             kind: process.kind,
@@ -231,6 +240,8 @@ impl Attribution {
             container,
             service,
             host_workload,
+            namespace,
+            pod,
         }
     }
 }
@@ -346,7 +357,7 @@ mod tests {
         let names = |full: &str| {
             full.starts_with("3f2b9c0d").then(|| ContainerRef {
                 name: "vllm-server".into(),
-                inference: false,
+                ..ContainerRef::default()
             })
         };
         let p = a.attribute(&process(10, Some(1)), Some(&id), &names);
@@ -373,6 +384,7 @@ mod tests {
                 Some(ContainerRef {
                     name: "llm".into(),
                     inference,
+                    ..ContainerRef::default()
                 })
             }
         };

@@ -15,6 +15,7 @@
 pub mod attribution;
 pub mod health;
 pub mod nvml;
+pub mod pods;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -270,6 +271,10 @@ pub struct GpuProcess {
     pub service: String,
     /// Whether it counts as host workload (a game, not an inference service).
     pub host_workload: bool,
+    /// In a Kubernetes pod: its namespace and name; empty otherwise.
+    pub namespace: String,
+    /// See `namespace`.
+    pub pod: String,
 }
 
 /// One GPU, attributed.
@@ -417,13 +422,32 @@ struct CauseLabel {
     cause: &'static str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct ProcessLabels {
     pid: String,
     process: String,
     kind: &'static str,
     container: String,
     service: String,
+    /// `namespace` and `pod` labels only for a process in a pod.
+    namespace: String,
+    pod: String,
+}
+
+impl EncodeLabelSet for ProcessLabels {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> fmt::Result {
+        use prometheus_client::encoding::EncodeLabel as _;
+        ("pid", self.pid.as_str()).encode(encoder.encode_label())?;
+        ("process", self.process.as_str()).encode(encoder.encode_label())?;
+        ("kind", self.kind).encode(encoder.encode_label())?;
+        ("container", self.container.as_str()).encode(encoder.encode_label())?;
+        ("service", self.service.as_str()).encode(encoder.encode_label())?;
+        if !self.pod.is_empty() {
+            ("namespace", self.namespace.as_str()).encode(encoder.encode_label())?;
+            ("pod", self.pod.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// How many processes of a GPU that belong to no inference service get a series of their own
@@ -447,6 +471,8 @@ fn process_series(processes: &[GpuProcess]) -> Vec<(ProcessLabels, f64)> {
             kind: p.kind.as_str(),
             container: p.container.clone(),
             service: p.service.clone(),
+            namespace: p.namespace.clone(),
+            pod: p.pod.clone(),
         };
         *merged.entry(labels).or_default() += bytes;
     }
@@ -467,6 +493,8 @@ fn process_series(processes: &[GpuProcess]) -> Vec<(ProcessLabels, f64)> {
             kind,
             container: String::new(),
             service: String::new(),
+            namespace: String::new(),
+            pod: String::new(),
         };
         (labels, bytes)
     }));
@@ -866,6 +894,9 @@ pub struct GpuCollector {
     containers: Option<Latest<DockerSample>>,
     /// Whether `discovery.docker` is on.
     discovery: bool,
+    /// The pods on this node (Kubernetes), to name the pods GPU processes run in, and whether
+    /// `discovery.kubernetes` is on.
+    pods: Option<(pods::Pods, bool)>,
     /// The GPUs seen since start, and their XID errors.
     health: Arc<GpuHealth>,
 }
@@ -896,6 +927,7 @@ impl GpuCollector {
             up: None,
             containers: None,
             discovery: false,
+            pods: None,
         }
     }
 
@@ -910,6 +942,13 @@ impl GpuCollector {
         inner.source.watch_xids(self.health.xid_log());
         inner.source.remember(&self.health.remembered());
         drop(inner);
+        self
+    }
+
+    /// Names the pods GPU processes run in from the node's pods; with `discovery`, processes in
+    /// pods of known inference images belong to the service named after their container.
+    pub fn with_pods(mut self, pods: pods::Pods, discovery: bool) -> Self {
+        self.pods = Some((pods, discovery));
         self
     }
 
@@ -942,6 +981,7 @@ fn read_and_attribute(
     attribution: &Attribution,
     procfs: &std::path::Path,
     containers: Option<&DockerSample>,
+    pods: Option<(&pods::PodIndex, bool)>,
     discovery: bool,
 ) -> Result<GpuSample, GpuError> {
     let mut inner = inner
@@ -953,7 +993,12 @@ fn read_and_attribute(
         attribution,
         &mut inner.identities,
         procfs,
-        &|id| container_ref(containers, id, discovery),
+        &|id| {
+            container_ref(containers, id, discovery).or_else(|| {
+                let (pods, discovery) = pods?;
+                pod_ref(pods, id, discovery)
+            })
+        },
     ))
 }
 
@@ -968,6 +1013,19 @@ fn container_ref(
     Some(ContainerRef {
         name: container.name.clone(),
         inference: discovery && known_image(&container.image).is_some(),
+        ..ContainerRef::default()
+    })
+}
+
+/// What the node's pods say about the container with full id `id`: its name in the pod, the
+/// pod, and (with `discovery`) whether it runs a known inference image.
+fn pod_ref(pods: &pods::PodIndex, id: &str, discovery: bool) -> Option<ContainerRef> {
+    let container = pods.container(id)?;
+    Some(ContainerRef {
+        name: container.container.clone(),
+        inference: discovery && known_image(&container.image).is_some(),
+        namespace: container.namespace.clone(),
+        pod: container.pod.clone(),
     })
 }
 
@@ -1030,12 +1088,18 @@ impl Collector for GpuCollector {
             self.procfs.clone(),
             self.discovery,
         );
+        let pods = self
+            .pods
+            .as_ref()
+            .map(|(pods, discovery)| (pods.borrow().clone(), *discovery));
         let result = blocking(move || {
             Ok(read_and_attribute(
                 &inner,
                 &attribution,
                 &procfs,
                 containers.as_deref(),
+                pods.as_ref()
+                    .map(|(index, discovery)| (&**index, *discovery)),
                 discovery,
             ))
         })

@@ -374,6 +374,8 @@ fn proc(pid: u32, kind: ProcessKind, mib: u64, name: &str, service: &str) -> Gpu
         container: String::new(),
         service: service.into(),
         host_workload: service.is_empty(),
+        namespace: String::new(),
+        pod: String::new(),
     }
 }
 
