@@ -708,10 +708,11 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
 
     let dir = tempfile::tempdir().unwrap();
     copy_tree(&fixtures().join("roots/t0"), dir.path());
-    for (pid, cgroup) in [
+    for (pid, comm, cgroup) in [
         // cgroup v2, systemd driver, containerd: the common K3s and kubeadm layout.
         (
             6001,
+            "python3",
             format!(
                 "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5b1c0f7e_3333_4000_8000_000000000001.slice/cri-containerd-{VLLM_ID}.scope\n"
             ),
@@ -719,13 +720,14 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
         // cgroupfs driver (K3s without systemd).
         (
             6002,
+            "comfy",
             format!("0::/kubepods/besteffort/pod5b1c0f7e-3333-4000-8000-000000000002/{COMFY_ID}\n"),
         ),
     ] {
         let proc = dir.path().join("proc").join(pid.to_string());
         std::fs::create_dir_all(&proc).unwrap();
-        std::fs::write(proc.join("comm"), "python3\n").unwrap();
-        std::fs::write(proc.join("cmdline"), "python3\0/app/server.py\0").unwrap();
+        std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
+        std::fs::write(proc.join("cmdline"), format!("{comm}\0/app/server.py\0")).unwrap();
         std::fs::write(proc.join("cgroup"), cgroup).unwrap();
     }
     let mut scenario = recorded("rtx-4080-super.json");
@@ -759,7 +761,7 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
         ],
     );
     let vllm = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6001",process="python3",kind="compute",container="vllm",service="vllm",namespace="ml",pod="vllm-7d9f8c6b5-x2x9q"}"#;
-    let comfy = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6002",process="python3",kind="compute",container="comfyui",service="",namespace="art",pod="comfyui-0"}"#;
+    let comfy = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6002",process="comfy",kind="compute",container="comfyui",service="",namespace="art",pod="comfyui-0"}"#;
     let body = wait_for_value(&exporter, vllm, 12_884_901_888.0);
     assert_eq!(value(&body, comfy), Some(4_294_967_296.0), "{body}");
     parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
@@ -771,16 +773,19 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
     );
     assert_eq!(
         api_view["gpus"][0]["host_workload_processes"],
-        serde_json::json!(["python3"]),
+        serde_json::json!(["comfy"]),
         "{api_view}"
     );
-    // It asked for its own node's pods only, and nothing else of the API server.
+    // It asked for its own node's pods only (the field selector), and nothing else.
     let requests = api.requests();
     assert!(!requests.is_empty());
     for request in &requests {
-        assert_eq!(
-            (request.method.as_str(), request.path.as_str()),
-            ("GET", "/api/v1/pods")
+        assert_eq!(request.method, "GET");
+        assert!(
+            request.path.starts_with("/api/v1/pods?")
+                && request.path.contains("fieldSelector=spec.nodeName%3Dgpu-b"),
+            "{}",
+            request.path
         );
     }
 }

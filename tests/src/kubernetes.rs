@@ -437,7 +437,9 @@ async fn pods(
     body: Bytes,
 ) -> Response {
     let mut cluster = shared.lock().unwrap();
-    if let Err(answer) = admit(&mut cluster, &method, uri.path(), &headers, &body) {
+    // Recorded with its query: the field selector is what keeps the list to one node.
+    let path = uri.path_and_query().map_or("/api/v1/pods", |p| p.as_str());
+    if let Err(answer) = admit(&mut cluster, &method, path, &headers, &body) {
         return *answer;
     }
     let query = uri.query().unwrap_or_default();

@@ -165,17 +165,23 @@ impl PodIndex {
 pub type Pods = watch::Receiver<Arc<PodIndex>>;
 
 /// Starts listing the pods of `node` through the in-cluster account or `KUBECONFIG`, in a task
-/// of its own (inside a Tokio runtime); the index stays empty while no client can be made or
-/// the API server does not answer (said once, and again when what is wrong changes).
+/// of its own (inside a Tokio runtime); the index stays empty while no client can be made
+/// (retried every minute) and keeps the last list while the API server does not answer
+/// (said once, and again when what is wrong changes).
 pub fn watch_node(node: String) -> Pods {
     let (tx, rx) = watch::channel(Arc::new(PodIndex::default()));
     tokio::spawn(async move {
         aistack_common::install_tls_provider();
-        let client = match kube::Client::try_default().await {
-            Ok(client) => client,
-            Err(err) => {
-                tracing::warn!(collector = "gpu", error = %err, "no Kubernetes API: GPU processes in pods are not named");
-                return;
+        let client = loop {
+            match kube::Client::try_default().await {
+                Ok(client) => break client,
+                Err(err) => {
+                    tracing::warn!(collector = "gpu", error = %err, "no Kubernetes API yet: GPU processes in pods are not named; retrying");
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(REFRESH * 4).await;
+                }
             }
         };
         let api: Api<Pod> = Api::all(client);
