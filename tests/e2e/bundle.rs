@@ -359,6 +359,54 @@ fn the_ha_component_keeps_the_base_config_and_least_privilege() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(verbs, ["get", "update"]);
+
+    // Every component builds on its own, and the HA overlay mounts the HA config.
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    for entry in std::fs::read_dir(workspace_root().join("k8s/components")).unwrap() {
+        let dir = entry.unwrap().path();
+        let relative = dir
+            .strip_prefix(workspace_root())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let (code, _, stderr) = run_in_root("kubectl", &["kustomize", &relative]);
+        assert_eq!(code, 0, "kubectl kustomize {relative}: {stderr}");
+    }
+    let (code, stdout, stderr) = run_in_root("kubectl", &["kustomize", "k8s/overlays/ha"]);
+    assert_eq!(code, 0, "{stderr}");
+    let objects: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&stdout)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect();
+    let deployment = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "aistack-actioner")
+        .unwrap();
+    let config = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap()["configMap"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == config.as_str())
+        .unwrap_or_else(|| panic!("no ConfigMap {config}"));
+    let mounted: serde_yaml::Value =
+        serde_yaml::from_str(map["data"]["actioner.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        mounted["ha"]["lease"], "aistack/aistack-actioner",
+        "{config}"
+    );
+    assert_eq!(deployment["spec"]["replicas"], 2);
 }
 
 /// A compose service's volumes as (source, target, read-only), from the short syntax
