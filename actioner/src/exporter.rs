@@ -59,10 +59,8 @@ impl ExporterUrl {
         Ok(urls)
     }
 
+    /// `path` on the exporter of `node`, for a pattern.
     fn one(&self, node: Option<&str>, path: &str) -> Result<String, String> {
-        if !self.per_node() {
-            return Ok(format!("{}{path}", self.base));
-        }
         let node = node.ok_or_else(|| {
             format!(
                 "exporter_url names the node ({}) and this run names none: run it from the node's alert, or pass \"node\"",

@@ -19,6 +19,9 @@ use tokio::sync::watch;
 use crate::ledger::Snapshot;
 use crate::vocab::{ActionKind, Backend};
 
+/// `aistack_actioner_leader`'s help, also what a follower serves (`crate::ha`).
+pub const LEADER_HELP: &str = "1 on the replica that acts (the holder of the lease, or an actioner without ha), 0 on a follower.";
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -97,11 +100,7 @@ impl Metrics {
         // A running recorder acts: this replica leads (a follower serves its own 0).
         let leader = Gauge::<i64>::default();
         leader.set(1);
-        registry.register(
-            "actioner_leader",
-            "1 on the replica that acts (the holder of the lease, or an actioner without ha), 0 on a follower.",
-            leader,
-        );
+        registry.register("actioner_leader", LEADER_HELP, leader);
         let webhooks = Family::<CodeLabel, Counter>::default();
         registry.register(
             "actioner_webhooks",

@@ -4,12 +4,9 @@
 //! `GET /api/v1/gpu`, what the actioner's failback re-check reads.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use aistack_tests::{
-    Daemon, binary, copy_tree, fake_nvml_library, fixtures, parse_openmetrics, wait_for,
-};
+use aistack_tests::{Daemon, copy_tree, fake_gpu_exporter, fixtures, parse_openmetrics, wait_for};
 
 const EXPORTER: &str = "aistack-exporter";
 
@@ -89,31 +86,13 @@ fn start(dir: &Path, scenario: &serde_json::Value) -> Daemon {
 /// [`start`] with `gpu_config` added to the `gpu:` section (`, key: value` flow style).
 fn start_with(dir: &Path, scenario: &serde_json::Value, gpu_config: &str) -> Daemon {
     copy_tree(&fixtures().join("roots/t0"), dir);
-    let path = dir.join("scenario.json");
-    write_scenario(&path, scenario);
-    let config = dir.join("exporter.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "gpu: {{nvml_library: {}{gpu_config}}}\nservices: [{{name: ollama, kind: ollama, url: 'http://127.0.0.1:11434'}}]\n",
-            fake_nvml_library().display()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(binary(EXPORTER));
-    command
-        .env("FAKE_NVML_SCENARIO", &path)
-        .env("FAKE_NVML_CALLS", dir.join("calls.log"));
-    Daemon::start_with(
-        command,
-        &[
-            "--config.file",
-            config.to_str().unwrap(),
-            "--path.procfs",
-            dir.join("proc").to_str().unwrap(),
-            "--path.sysfs",
-            dir.join("sys").to_str().unwrap(),
-        ],
+    write_scenario(&dir.join("scenario.json"), scenario);
+    fake_gpu_exporter(
+        dir,
+        gpu_config,
+        "services: [{name: ollama, kind: ollama, url: 'http://127.0.0.1:11434'}]\n",
+        "127.0.0.1:0",
+        &[],
     )
 }
 
@@ -735,29 +714,15 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
         {"pid": 6001, "kind": "compute", "used_memory_bytes": 12_884_901_888_u64},
         {"pid": 6002, "kind": "compute", "used_memory_bytes": 4_294_967_296_u64}
     ]);
-    let path = dir.path().join("scenario.json");
-    write_scenario(&path, &scenario);
-    let config = dir.path().join("exporter.yaml");
-    std::fs::write(
-        &config,
-        format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
-    )
-    .unwrap();
-    let mut command = Command::new(binary(EXPORTER));
-    command
-        .env("FAKE_NVML_SCENARIO", &path)
-        .env("KUBECONFIG", &api.kubeconfig)
-        .env("NODE_NAME", "gpu-b")
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let exporter = Daemon::start_with(
-        command,
+    write_scenario(&dir.path().join("scenario.json"), &scenario);
+    let exporter = fake_gpu_exporter(
+        dir.path(),
+        "",
+        "",
+        "127.0.0.1:0",
         &[
-            "--config.file",
-            config.to_str().unwrap(),
-            "--path.procfs",
-            dir.path().join("proc").to_str().unwrap(),
-            "--path.sysfs",
-            dir.path().join("sys").to_str().unwrap(),
+            ("KUBECONFIG", api.kubeconfig.as_os_str()),
+            ("NODE_NAME", "gpu-b".as_ref()),
         ],
     );
     let vllm = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6001",process="python3",kind="compute",container="vllm",service="vllm",namespace="ml",pod="vllm-7d9f8c6b5-x2x9q"}"#;

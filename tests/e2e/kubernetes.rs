@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use aistack_tests::kubernetes::{FakeKubernetes, Pods, Recorded};
 use aistack_tests::stub::{StubServer, gpu_report};
 use aistack_tests::{
-    Daemon, binary, copy_tree, fake_nvml_library, fixtures, get, get_with_token, post_json,
+    Daemon, binary, copy_tree, fake_gpu_exporter, fixtures, get, get_with_token, post_json,
     wait_for, workspace_root,
 };
 use serde_json::json;
@@ -95,6 +95,15 @@ actions:
         actioner,
         _dir: dir,
     }
+}
+
+/// [`start_full`] in [`ml_mode`], with `exporter_url: http://{node}:PORT` (the exporters of
+/// the nodes 127.0.0.x on `port`) and `extra` config lines.
+fn start_on_nodes(port: u16, extra: &str) -> Setup {
+    let api = ml_mode();
+    let kubeconfig = api.kubeconfig.clone();
+    let pattern = format!("http://{{node}}:{port}");
+    start_full(api, &kubeconfig, "20s", Some(&pattern), extra)
 }
 
 /// vLLM serving with 2 replicas behind the Service; Ollama scaled to 0.
@@ -358,10 +367,7 @@ fn a_game_on_node_b_fails_over_and_back_by_bs_own_gpu() {
     let (a, b) = (&nodes[0], &nodes[1]);
     a.set("/api/v1/gpu", 200, &gpu_report(false));
     b.set("/api/v1/gpu", 200, &gpu_report(true));
-    let api = ml_mode();
-    let kubeconfig = api.kubeconfig.clone();
-    let pattern = format!("http://{{node}}:{port}");
-    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern), "");
+    let setup = start_on_nodes(port, "");
     let b_instance = format!("127.0.0.2:{port}");
 
     webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &b_instance);
@@ -419,16 +425,7 @@ fn with_gpu_nodes_failback_waits_until_no_node_has_a_game() {
     let (a, b) = (&nodes[0], &nodes[1]);
     a.set("/api/v1/gpu", 200, &gpu_report(true));
     b.set("/api/v1/gpu", 200, &gpu_report(true));
-    let api = ml_mode();
-    let kubeconfig = api.kubeconfig.clone();
-    let pattern = format!("http://{{node}}:{port}");
-    let setup = start_full(
-        api,
-        &kubeconfig,
-        "20s",
-        Some(&pattern),
-        "gpu_nodes: [127.0.0.1, 127.0.0.2]",
-    );
+    let setup = start_on_nodes(port, "gpu_nodes: [127.0.0.1, 127.0.0.2]");
     let a_instance = format!("127.0.0.1:{port}");
     webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &a_instance);
     let end = wait_for_end(&setup, "failover-when-gaming");
@@ -474,26 +471,7 @@ impl Node {
         )
         .unwrap();
         Self::set_game(dir.path(), game);
-        let config = dir.path().join("exporter.yaml");
-        std::fs::write(
-            &config,
-            format!("gpu: {{nvml_library: {}}}\n", fake_nvml_library().display()),
-        )
-        .unwrap();
-        let mut command = Command::new(binary("aistack-exporter"));
-        command.env("FAKE_NVML_SCENARIO", dir.path().join("scenario.json"));
-        let exporter = Daemon::start_on(
-            command,
-            &[
-                "--config.file",
-                config.to_str().unwrap(),
-                "--path.procfs",
-                dir.path().join("proc").to_str().unwrap(),
-                "--path.sysfs",
-                dir.path().join("sys").to_str().unwrap(),
-            ],
-            address,
-        );
+        let exporter = fake_gpu_exporter(dir.path(), "", "", address, &[]);
         Self { dir, exporter }
     }
 
@@ -545,10 +523,7 @@ fn two_real_exporters_a_game_on_node_b_is_handled_by_bs_gpu() {
     let b = Node::start(&format!("127.0.0.2:{port}"), true);
     a.wait_gaming(false);
     b.wait_gaming(true);
-    let api = ml_mode();
-    let kubeconfig = api.kubeconfig.clone();
-    let pattern = format!("http://{{node}}:{port}");
-    let setup = start_full(api, &kubeconfig, "20s", Some(&pattern), "");
+    let setup = start_on_nodes(port, "");
     let b_instance = format!("127.0.0.2:{port}");
 
     webhook_from(&setup, "firing", "0001-01-01T00:00:00Z", &b_instance);

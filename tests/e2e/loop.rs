@@ -559,19 +559,19 @@ fn a_game_fails_vllm_over_to_ollama_and_its_end_fails_back() {
 
 /// The eGPU unplugged mid-run: `aistack_gpu_up` 0, AistackGpuLost, failover to Ollama by the
 /// shipped rules and a page; plugged in again: the GPU reads up and answering again.
-#[test]
-fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
-    // The shipped actioner config's rules for a lost GPU and the phone, as they are.
+/// A stack with the shipped actioner config's rules for a lost GPU (and its phone rule, with
+/// `phone`), as they are, once the GPU reads up.
+fn gpu_lost_stack(phone: bool) -> Stack {
     let shipped = std::fs::read_to_string(
         aistack_tests::workspace_root().join("compose/config/actioner.yaml"),
     )
     .unwrap();
     let rules: String = shipped
         .lines()
-        .filter(|l| l.contains("AistackGpuLost") || l.contains("name: phone"))
+        .filter(|l| l.contains("AistackGpuLost") || (phone && l.contains("name: phone")))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert_eq!(rules.lines().count(), 3, "{shipped}");
+    assert_eq!(rules.lines().count(), 2 + usize::from(phone), "{shipped}");
     let stack = Stack::start(&Options {
         rules: &rules,
         docker: false,
@@ -580,6 +580,13 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
     wait_for(Duration::from_secs(20), "the GPU seen up", || {
         (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
     });
+    stack
+}
+
+#[test]
+fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
+    // The shipped actioner config's rules for a lost GPU and the phone, as they are.
+    let stack = gpu_lost_stack(true);
 
     let (started, condition) = (Instant::now(), SystemTime::now());
     stack.host.set_gpu_lost(true, &[79]);
@@ -643,24 +650,7 @@ fn an_egpu_unplugged_fails_over_to_ollama_and_reads_up_when_plugged_back() {
 /// re-check read every GPU up on the exporter.
 #[test]
 fn a_gpu_that_answers_again_fails_back_to_vllm() {
-    let shipped = std::fs::read_to_string(
-        aistack_tests::workspace_root().join("compose/config/actioner.yaml"),
-    )
-    .unwrap();
-    let rules: String = shipped
-        .lines()
-        .filter(|l| l.contains("AistackGpuLost"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert_eq!(rules.lines().count(), 2, "{shipped}");
-    let stack = Stack::start(&Options {
-        rules: &rules,
-        docker: false,
-        repair: &[],
-    });
-    wait_for(Duration::from_secs(20), "the GPU seen up", || {
-        (value(&stack, "aistack_gpu_up")? == 1.0).then_some(())
-    });
+    let stack = gpu_lost_stack(false);
     stack.host.set_gpu_lost(true, &[]);
     stack.wait_journal(
         "failover-when-gpu-lost",

@@ -288,6 +288,45 @@ pub fn parse_openmetrics(text: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// The exporter on `address`, its NVML the stand-in answering from `dir/scenario.json`, its
+/// procfs and sysfs `dir/proc` and `dir/sys`, its config `gpu: {nvml_library: <stand-in>` and
+/// `gpu_keys` (`, key: value`) `}` then `config` (YAML lines), and `env` besides; every
+/// stand-in call counted in `dir/calls.log`.
+pub fn fake_gpu_exporter(
+    dir: &Path,
+    gpu_keys: &str,
+    config: &str,
+    address: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Daemon {
+    let file = dir.join("exporter.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "gpu: {{nvml_library: {}{gpu_keys}}}\n{config}",
+            fake_nvml_library().display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("aistack-exporter"));
+    command
+        .env("FAKE_NVML_SCENARIO", dir.join("scenario.json"))
+        .env("FAKE_NVML_CALLS", dir.join("calls.log"))
+        .envs(env.iter().copied());
+    Daemon::start_on(
+        command,
+        &[
+            "--config.file",
+            file.to_str().unwrap(),
+            "--path.procfs",
+            dir.join("proc").to_str().unwrap(),
+            "--path.sysfs",
+            dir.join("sys").to_str().unwrap(),
+        ],
+        address,
+    )
+}
+
 /// A running aistack binary on a loopback port; killed on drop.
 pub struct Daemon {
     child: Child,

@@ -263,17 +263,7 @@ mod tests {
             ],
             sessions: vec![session("3"), session("4")],
         };
-        #[derive(Debug)]
-        struct One(LogindSample);
-        impl prometheus_client::collector::Collector for One {
-            fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-                self.0.encode(&mut encoder)
-            }
-        }
-        let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
-        registry.register_collector(Box::new(One(sample)));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = crate::collectors::encode_text(sample);
         let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             series,

@@ -394,6 +394,23 @@ impl FailureLog {
     }
 }
 
+/// A sample as the classic text format encodes it, with the `aistack` prefix (for tests).
+#[cfg(test)]
+pub fn encode_text<S: EncodeSample>(sample: S) -> String {
+    #[derive(Debug)]
+    struct One<S>(S);
+    impl<S: EncodeSample> prometheus_client::collector::Collector for One<S> {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            self.0.encode(&mut encoder)
+        }
+    }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
+    registry.register_collector(Box::new(One(sample)));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

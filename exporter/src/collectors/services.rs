@@ -1085,17 +1085,7 @@ mod tests {
         );
         assert!(by_name("webui-down").error.is_some());
 
-        let mut text = String::new();
-        let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
-        #[derive(Debug)]
-        struct One(ServicesSample);
-        impl prometheus_client::collector::Collector for One {
-            fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-                self.0.encode(&mut encoder)
-            }
-        }
-        registry.register_collector(Box::new(One(sample.clone())));
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = crate::collectors::encode_text(sample.clone());
         assert!(
             text.contains(r#"aistack_service_up{service="vllm",kind="vllm"} 1"#),
             "{text}"
@@ -1309,17 +1299,7 @@ mod tests {
             services: vec![status("vllm", true), status("local", false)],
             ..ServicesSample::default()
         };
-        let mut text = String::new();
-        let mut registry = prometheus_client::registry::Registry::with_prefix("aistack");
-        #[derive(Debug)]
-        struct One(ServicesSample);
-        impl prometheus_client::collector::Collector for One {
-            fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-                self.0.encode(&mut encoder)
-            }
-        }
-        registry.register_collector(Box::new(One(sample)));
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = crate::collectors::encode_text(sample);
         for want in [
             r#"aistack_service_up{service="vllm",kind="vllm",scope="cluster"} 0"#,
             r#"aistack_service_up{service="local",kind="vllm"} 0"#,

@@ -3,15 +3,17 @@
 //!
 //! Per-field calls that fail are `None` (NOT_SUPPORTED quietly; anything else logged at debug);
 //! a device whose handle or identity cannot be read, or that reports GPU_IS_LOST to any call, is
-//! left out of the reading (the collector shows it as `gpu_up 0`). Errors meaning the library itself is gone (uninitialised, driver not loaded,
-//! library/driver version mismatch) fail the whole read, so the collector re-initialises.
+//! left out of the reading (the collector shows it as `gpu_up 0`). Errors meaning the library
+//! itself is gone (uninitialised, driver not loaded, library/driver version mismatch) fail the
+//! whole read, so the collector re-initialises.
 //!
 //! Hot-plug: NVML enumerates GPUs when it initialises, so a GPU that comes back (an eGPU
 //! plugged in again, a GPU recovered by a reset) is only seen after a new `nvmlInit`. While a
 //! GPU seen before is missing or lost, the source re-initialises every 5 s, then less often,
 //! up to every 60 s. A re-initialisation takes two reads: the first asks the XID thread to end
 //! and reads on with the old handle; a later one, once the thread let go, shuts NVML down and
-//! initialises it again. No read waits for the thread.
+//! initialises it again. No read waits for the thread; a reset after NVML failed as a whole
+//! waits for it up to 2 s.
 //!
 //! XID errors arrive through an NVML event set, on a thread of their own ([`XidWatcher`])
 //! that shares the source's library handle and is started and stopped with it: it never
