@@ -431,13 +431,13 @@ pub fn follower_router(
     max_body_bytes: usize,
 ) -> Router {
     let lease = lease.to_owned();
-    let client = aistack_common::http_client(|builder| {
-        builder
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-    })
-    .ok();
+    // As the leader's own handlers may take (its request timeout), following no redirect.
+    let client =
+        crate::actions::recheck_client(Duration::from_secs(2), Duration::from_secs(90)).ok();
+    let metrics = format!(
+        "# HELP aistack_actioner_leader {}\n# TYPE aistack_actioner_leader gauge\naistack_actioner_leader 0\n",
+        crate::metrics::LEADER_HELP
+    );
     Router::new()
         .route(
             "/healthz",
@@ -445,17 +445,21 @@ pub fn follower_router(
         )
         .route(
             "/readyz",
-            axum::routing::get(|| async {
-                (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n")
-            }),
+            axum::routing::get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n") }),
         )
         .route(
             "/metrics",
-            axum::routing::get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    "# HELP aistack_actioner_leader 1 on the replica that acts (the holder of the lease, or an actioner without ha), 0 on a follower.\n# TYPE aistack_actioner_leader gauge\naistack_actioner_leader 0\n",
-                )
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics,
+                    )
+                }
             }),
         )
         .fallback(move |request: Request| {
@@ -502,8 +506,20 @@ async fn forward(
         )
         .header(FORWARDED, "1")
         .body(body);
+    // Hop-by-hop headers describe this connection, not the request (RFC 9110, 7.6.1): the
+    // body goes on whole, with its own length.
+    let hop_by_hop = [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ];
     for (name, value) in &parts.headers {
-        if name != header::HOST && name != header::CONTENT_LENGTH && name != header::CONNECTION {
+        if !hop_by_hop.contains(name) && name.as_str() != "keep-alive" {
             outgoing = outgoing.header(name, value);
         }
     }
@@ -516,7 +532,10 @@ async fn forward(
     };
     let status = answer.status();
     let headers = answer.headers().clone();
-    let body = answer.bytes().await.unwrap_or_default();
+    // Cut off mid-answer (the leader died): retry rather than pass on half an answer.
+    let Ok(body) = answer.bytes().await else {
+        return unavailable(format!("the leader ({leader}) stopped answering; retry\n"));
+    };
     let mut response = (status, body).into_response();
     for name in [
         header::CONTENT_TYPE,

@@ -187,6 +187,27 @@ fn the_leader_killed_mid_failover_is_replaced_within_15s_and_nothing_runs_twice(
     assert_eq!(webhook(&follower), 200);
     let unauthorized = post_json(&follower.url("/api/v1/alerts"), None, "{}");
     assert_eq!(unauthorized.status, 401, "{}", unauthorized.body);
+    // A chunked upload (no Content-Length, as some clients send) is forwarded too.
+    let chunked = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            r#"{"version":"4","status":"firing","receiver":"r","groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"http://am","groupKey":"{}:{}","truncatedAlerts":0,"alerts":[]}"#,
+            &follower.url("/api/v1/alerts"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&chunked.stdout), "200");
     wait_for(Duration::from_secs(10), "the failover started", || {
         (events(&journal(&leader), "failover-when-gaming", "started") == 1).then_some(())
     });

@@ -318,7 +318,13 @@ impl GpuHealth {
         let Some(path) = &self.file else {
             return Ok(());
         };
-        let _writing = lock(&self.writing);
+        // One write at a time; one already under way (a sync stuck on a bad disk) is left to
+        // finish, and this change is written after it, at a later sample: no thread waits.
+        let _writing = match self.writing.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         let gpus = {
             let mut roster = lock(&self.roster);
             if !roster.unsaved {
@@ -600,6 +606,25 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, ["gpus.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_write_under_way_makes_the_next_one_wait_for_a_later_sample_not_a_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpus.json");
+        let health = GpuHealth::new(Some(path.clone()), &[]);
+        assert!(health.observe([(0, "GPU-a", "A")]));
+        let stuck = health.writing.lock().unwrap();
+        health.save().unwrap();
+        assert!(
+            !path.exists(),
+            "nothing written while another write holds the file"
+        );
+        assert!(health.observe([(0, "GPU-a", "A")]), "still due");
+        drop(stuck);
+        health.save().unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("GPU-a"));
+        assert!(!health.observe([(0, "GPU-a", "A")]));
     }
 
     #[test]
