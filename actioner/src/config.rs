@@ -207,6 +207,7 @@ impl Config {
             wake: self.actions.wake.targets.keys().cloned().collect(),
             repair: self.actions.repair.targets().collect(),
             host: self.host_name(),
+            failover: self.actions.failover.nodes.keys().cloned().collect(),
         }
     }
 
@@ -301,6 +302,18 @@ impl Validate for Config {
             problems.push(
                 "gpu_nodes",
                 "needs {node} in exporter_url (without it every re-check asks the one exporter)",
+            );
+        }
+        if !self.actions.failover.nodes.is_empty() {
+            problems.check(
+                exporter.per_node(),
+                "actions.failover.nodes",
+                "needs {node} in exporter_url: each pair's failback re-checks its own node's exporter",
+            );
+            problems.check(
+                self.gpu_nodes.is_empty(),
+                "gpu_nodes",
+                "is for one pair for the cluster; with actions.failover.nodes each pair re-checks its own node",
             );
         }
         if exporter.per_node()
@@ -465,7 +478,7 @@ impl Config {
             }
             _ => {}
         }
-        if target_label.is_some() && !action.takes_target() {
+        if target_label.is_some() && !self.allowlists().takes_target(action) {
             problems.push(
                 at("target_label"),
                 format!("the {action} action takes no target"),

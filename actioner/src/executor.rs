@@ -3,8 +3,8 @@
 //! is journaled whatever it is.
 //!
 //! Runs that must not overlap share a lane and run one after the other, in the order they
-//! were planned: runs of one action on one target, and failover and failback together (both
-//! move the one inference backend). A failback planned while a failover still waits for
+//! were planned: runs of one action on one target, and failover and failback of one
+//! vLLM/Ollama pair together (both move its backend). A failback planned while a failover still waits for
 //! Ollama runs after it, and decides against the state it left. Lanes exist only while they
 //! have work; no state is kept per target once its runs are done.
 
@@ -36,7 +36,11 @@ pub const QUEUE: usize = 1024;
 fn lane_of(job: &Job) -> Option<String> {
     let action = job.plan.action;
     if action.moves_backend() {
-        Some("inference-backend".into())
+        // One lane per vLLM/Ollama pair: a node's failback never waits behind another's.
+        Some(match &job.plan.target {
+            Some(node) => format!("inference-backend/{node}"),
+            None => "inference-backend".into(),
+        })
     } else if action.takes_target() {
         job.plan.target.as_ref().map(|t| format!("{action}/{t}"))
     } else {

@@ -11,7 +11,7 @@
 //! | `GET /api/v1/actions?limit=N&before=SEQ`, `POST /api/v1/actions/{action}` | bearer or Basic |
 //! | `GET /api/v1/state`, `POST /api/v1/pause`, `POST /api/v1/resume` | bearer or Basic |
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -71,7 +71,8 @@ pub struct AppState {
     buttons: Option<Arc<Buttons>>,
     relay: Arc<RelayGate>,
     last_len: Arc<AtomicUsize>,
-    /// `exporter_url` names `{node}`: failback takes a `"node"`.
+    /// `exporter_url` names `{node}` and one pair serves the cluster: failback takes a
+    /// `"node"` (with a pair per node, its `"target"` is the node).
     per_node: bool,
 }
 
@@ -470,7 +471,9 @@ async fn trigger(
         let why = if kind != ActionKind::Failback {
             Some("\"node\" is for failback only: it names the node whose GPU is re-checked")
         } else if !state.per_node {
-            Some("\"node\" needs {node} in exporter_url: without it the one exporter is asked")
+            Some(
+                "\"node\" needs {node} in exporter_url and one pair for the cluster: without {node} the one exporter is asked; with actions.failover.nodes, \"target\" names the node",
+            )
         } else if !crate::exporter::valid_node(node) {
             Some("\"node\" must be a host name or an IP address")
         } else {
@@ -596,6 +599,19 @@ pub struct StateView {
     pub paused: bool,
     /// Seconds left per `rule/target` in cooldown.
     pub cooldowns: HashMap<String, u64>,
+    /// Where each GPU node has its own pair: each node's backend (`inference_backend` is then
+    /// `fallback` while any node is on its fallback).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, NodeState>,
+}
+
+/// One GPU node's pair in `GET /api/v1/state`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeState {
+    /// `primary` or `fallback`.
+    pub inference_backend: &'static str,
+    /// When it became so (RFC 3339), if ever.
+    pub since: Option<String>,
 }
 
 async fn show_state(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -611,6 +627,17 @@ async fn show_state(State(state): State<AppState>) -> Result<Response, ApiError>
             .filter_map(|(key, until)| {
                 let left = until.duration_since(now).ok()?;
                 Some((key.clone(), left.as_secs().max(1)))
+            })
+            .collect(),
+        nodes: snapshot
+            .node_backends
+            .iter()
+            .map(|(node, backend, since)| {
+                let state = NodeState {
+                    inference_backend: backend.as_str(),
+                    since: since.map(|t| t.to_string()),
+                };
+                (node.clone(), state)
             })
             .collect(),
     };

@@ -172,6 +172,9 @@ pub struct CheckpointState {
     /// Since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_since: Option<Timestamp>,
+    /// Where each GPU node has its own pair: the backend of each node that moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_backends: Vec<NodeBackend>,
     /// The last run per rule and target.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rule_runs: Vec<RuleRun>,
@@ -181,12 +184,27 @@ pub struct CheckpointState {
     /// Repair targets left to a person.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exhausted: Vec<String>,
-    /// A failback a rule missed while paused.
+    /// A failback a rule missed while paused (the one pair's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_failback: Option<JournalEntry>,
+    /// Failbacks rules missed while paused, of per-node pairs (each entry names its node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred_failbacks: Vec<JournalEntry>,
     /// Where the host stood when this actioner last asked logind to sleep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_suspend: Option<AwakeStamp>,
+}
+
+/// The backend of a GPU node's own vLLM/Ollama pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackend {
+    /// The node.
+    pub node: String,
+    /// Its backend.
+    pub backend: Backend,
+    /// Since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
 }
 
 /// When a rule last ran on a target.

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use crate::alert::AlertStatus;
 use crate::journal::{
-    ActionRuns, Checkpoint, CheckpointState, Event, JournalEntry, KeyHash, RuleRun,
+    ActionRuns, Checkpoint, CheckpointState, Event, JournalEntry, KeyHash, NodeBackend, RuleRun,
 };
 use crate::vocab::{ActionKind, AwakeStamp, Backend, Reason, RunKey, Timestamp};
 
@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub backend: Backend,
     /// Since when.
     pub backend_since: Option<Timestamp>,
+    /// Where each GPU node has its own pair: each node's backend, and since when.
+    pub node_backends: Vec<(String, Backend, Option<Timestamp>)>,
     /// `rule/target`, and when its cooldown ends.
     pub cooldowns: Vec<(String, SystemTime)>,
     /// Repair targets left to a person, and when their budget is back (`None`: it is).
@@ -138,13 +140,14 @@ pub struct Ledger {
     /// Recent runs per action and target, oldest first.
     action_runs: HashMap<(ActionKind, String), VecDeque<Timestamp>>,
     paused: bool,
-    backend: Backend,
-    backend_since: Option<Timestamp>,
+    /// The backend of each pair ("" for the one pair, else the GPU node's name), and since
+    /// when; a pair never moved is on its primary.
+    backends: BTreeMap<String, (Backend, Option<Timestamp>)>,
     open: BTreeMap<RunKey, OpenRun>,
     /// Repair targets whose last word was "exhausted".
     exhausted: BTreeSet<String>,
-    /// A failback a rule missed while paused, with no backend decision since.
-    deferred_failback: Option<JournalEntry>,
+    /// Per pair: a failback a rule missed while paused, with no backend decision since.
+    deferred_failbacks: BTreeMap<String, JournalEntry>,
     /// Where the host stood when the last suspend that asked logind began.
     last_suspend: Option<AwakeStamp>,
     recent: VecDeque<Arc<JournalEntry>>,
@@ -178,8 +181,9 @@ impl Ledger {
             Event::Paused => self.paused = true,
             Event::Resumed => {
                 self.paused = false;
-                // The resume had its chance to plan it (the recorder decides before it commits).
-                self.deferred_failback = None;
+                // The resume had its chance to plan them (the recorder decides before it
+                // commits).
+                self.deferred_failbacks.clear();
             }
         }
         self.recent.push_back(Arc::new(entry));
@@ -201,7 +205,7 @@ impl Ledger {
         // A backend decision made since the pause replaces the one it held back (a dry run
         // decides nothing).
         if entry.action.is_some_and(ActionKind::moves_backend) && !entry.dry_run {
-            self.deferred_failback = None;
+            self.deferred_failbacks.remove(pair_of(entry));
         }
         if key.is_once_only() {
             self.done.insert(KeyHash::of(key.as_str()));
@@ -278,15 +282,15 @@ impl Ledger {
                     self.exhausted.remove(target);
                 }
             }
-            Some(ActionKind::Failover) => self.set_backend(Backend::Fallback, entry.ts),
-            Some(ActionKind::Failback) => self.set_backend(Backend::Primary, entry.ts),
+            Some(ActionKind::Failover) => self.set_backend(entry, Backend::Fallback),
+            Some(ActionKind::Failback) => self.set_backend(entry, Backend::Primary),
             _ => {}
         }
     }
 
-    fn set_backend(&mut self, backend: Backend, at: Timestamp) {
-        self.backend = backend;
-        self.backend_since = Some(at);
+    fn set_backend(&mut self, entry: &JournalEntry, backend: Backend) {
+        self.backends
+            .insert(pair_of(entry).to_owned(), (backend, Some(entry.ts)));
     }
 
     fn skipped(&mut self, entry: &JournalEntry) {
@@ -294,9 +298,14 @@ impl Ledger {
         // A rule's backend decision missed while paused: the latest one counts (a failover
         // skipped after it means the GPU is busy again).
         if reason == Some(Reason::Paused) && entry.alert.is_some() {
+            let pair = pair_of(entry).to_owned();
             match entry.action {
-                Some(ActionKind::Failback) => self.deferred_failback = Some(entry.clone()),
-                Some(ActionKind::Failover) => self.deferred_failback = None,
+                Some(ActionKind::Failback) => {
+                    self.deferred_failbacks.insert(pair, entry.clone());
+                }
+                Some(ActionKind::Failover) => {
+                    self.deferred_failbacks.remove(&pair);
+                }
                 _ => {}
             }
         }
@@ -379,8 +388,16 @@ impl Ledger {
         self.resolved = resolved;
         self.open = open;
         self.paused = state.paused;
-        self.backend = state.backend;
-        self.backend_since = state.backend_since;
+        self.backends = std::iter::once((String::new(), (state.backend, state.backend_since)))
+            .chain(
+                state
+                    .node_backends
+                    .into_iter()
+                    .map(|n| (n.node, (n.backend, n.since))),
+            )
+            // A pair never moved is on its primary with or without an entry.
+            .filter(|(_, state)| *state != (Backend::Primary, None))
+            .collect();
         self.rule_runs = state
             .rule_runs
             .into_iter()
@@ -392,7 +409,12 @@ impl Ledger {
             .map(|r| ((r.action, r.target), r.at.into_iter().collect()))
             .collect();
         self.exhausted = state.exhausted.into_iter().collect();
-        self.deferred_failback = state.deferred_failback;
+        self.deferred_failbacks = state
+            .deferred_failback
+            .into_iter()
+            .chain(state.deferred_failbacks)
+            .map(|entry| (pair_of(&entry).to_owned(), entry))
+            .collect();
         self.last_suspend = state.last_suspend;
     }
 
@@ -418,14 +440,31 @@ impl Ledger {
             })
             .collect();
         action_runs.sort_by(|a, b| (a.action, &a.target).cmp(&(b.action, &b.target)));
+        let (backend, backend_since) = self.backend("");
         let state = CheckpointState {
             paused: self.paused,
-            backend: self.backend,
-            backend_since: self.backend_since,
+            backend,
+            backend_since,
+            node_backends: self
+                .backends
+                .iter()
+                .filter(|(node, _)| !node.is_empty())
+                .map(|(node, (backend, since))| NodeBackend {
+                    node: node.clone(),
+                    backend: *backend,
+                    since: *since,
+                })
+                .collect(),
             rule_runs,
             action_runs,
             exhausted: self.exhausted.iter().cloned().collect(),
-            deferred_failback: self.deferred_failback.clone(),
+            deferred_failback: self.deferred_failbacks.get("").cloned(),
+            deferred_failbacks: self
+                .deferred_failbacks
+                .iter()
+                .filter(|(pair, _)| !pair.is_empty())
+                .map(|(_, entry)| entry.clone())
+                .collect(),
             last_suspend: self.last_suspend.clone(),
         };
         let mut parts = vec![Checkpoint {
@@ -519,9 +558,9 @@ impl Ledger {
         self.paused
     }
 
-    /// The backend serving, and since when.
-    pub fn backend(&self) -> (Backend, Option<Timestamp>) {
-        (self.backend, self.backend_since)
+    /// The backend serving `pair` ("" for the one pair, else a GPU node's), and since when.
+    pub fn backend(&self, pair: &str) -> (Backend, Option<Timestamp>) {
+        self.backends.get(pair).copied().unwrap_or_default()
     }
 
     /// Repair targets left to a person.
@@ -529,9 +568,10 @@ impl Ledger {
         self.exhausted.iter().map(String::as_str)
     }
 
-    /// The failback a rule missed while paused, if no backend decision came since.
-    pub fn deferred_failback(&self) -> Option<&JournalEntry> {
-        self.deferred_failback.as_ref()
+    /// The failbacks rules missed while paused, one per pair at most, where no backend
+    /// decision came since.
+    pub fn deferred_failbacks(&self) -> impl Iterator<Item = &JournalEntry> {
+        self.deferred_failbacks.values()
     }
 
     /// Runs planned or started and not ended.
@@ -539,11 +579,13 @@ impl Ledger {
         self.open.values()
     }
 
-    /// Whether a failover or failback (not a dry run) is planned or running.
-    pub fn backend_moving(&self) -> bool {
-        self.open
-            .values()
-            .any(|r| r.entry.action.is_some_and(ActionKind::moves_backend) && !r.entry.dry_run)
+    /// Whether a failover or failback (not a dry run) of `pair` is planned or running.
+    pub fn backend_moving(&self, pair: &str) -> bool {
+        self.open.values().any(|r| {
+            r.entry.action.is_some_and(ActionKind::moves_backend)
+                && !r.entry.dry_run
+                && pair_of(&r.entry) == pair
+        })
     }
 
     /// Where the host stood when a suspend last started.
@@ -560,6 +602,11 @@ impl Ledger {
     pub fn remembered(&self) -> usize {
         self.done.len()
     }
+}
+
+/// The pair a failover or failback entry is about: its target (a GPU node), "" for the one.
+fn pair_of(entry: &JournalEntry) -> &str {
+    entry.target.as_deref().unwrap_or_default()
 }
 
 fn bounded_insert(

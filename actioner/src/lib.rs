@@ -231,7 +231,10 @@ impl Actioner {
             gate,
         )
         .with_buttons(built.buttons)
-        .with_per_node(crate::exporter::ExporterUrl::new(&config.exporter_url).per_node());
+        .with_per_node(
+            crate::exporter::ExporterUrl::new(&config.exporter_url).per_node()
+                && config.actions.failover.nodes.is_empty(),
+        );
         Ok(Self {
             router: http::app(state),
             recorder,

@@ -232,6 +232,12 @@ struct BackendLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeBackendLabel {
+    node: String,
+    backend: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TargetLabel {
     target: String,
 }
@@ -246,15 +252,26 @@ impl Collector for LedgerGauges {
         let now = SystemTime::now();
         let mut backend = encoder.encode_descriptor(
             "actioner_inference_backend",
-            "1 for the inference backend in use (primary or fallback), 0 for the other.",
+            "1 for the inference backend in use (primary or fallback), 0 for the other; with a pair per GPU node, per node (label node).",
             None,
             MetricType::Gauge,
         )?;
-        for b in [Backend::Primary, Backend::Fallback] {
-            let gauge = ConstGauge::new(flag(snapshot.backend == b));
-            gauge.encode(backend.encode_family(&BackendLabel {
-                backend: b.as_str(),
-            })?)?;
+        if snapshot.node_backends.is_empty() {
+            for b in [Backend::Primary, Backend::Fallback] {
+                let gauge = ConstGauge::new(flag(snapshot.backend == b));
+                gauge.encode(backend.encode_family(&BackendLabel {
+                    backend: b.as_str(),
+                })?)?;
+            }
+        }
+        for (node, serving, _) in &snapshot.node_backends {
+            for b in [Backend::Primary, Backend::Fallback] {
+                let gauge = ConstGauge::new(flag(*serving == b));
+                gauge.encode(backend.encode_family(&NodeBackendLabel {
+                    node: node.clone(),
+                    backend: b.as_str(),
+                })?)?;
+            }
         }
         ConstGauge::new(flag(snapshot.paused)).encode(encoder.encode_descriptor(
             "actioner_paused",

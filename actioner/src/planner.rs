@@ -262,21 +262,26 @@ impl Planner {
         }
     }
 
-    /// At a resume: the failback a rule wanted while paused, if the backend is still the
-    /// fallback. It runs with its usual re-check (vLLM must come up healthy).
-    pub fn deferred_failback(&mut self, ledger: &Ledger, batch: &mut Batch) {
-        let Some(skipped) = ledger.deferred_failback().cloned() else {
-            return;
-        };
+    /// At a resume: the failbacks rules wanted while paused (one per pair), where the pair is
+    /// still on its fallback. Each runs with its usual re-check (vLLM must come up healthy).
+    pub fn deferred_failbacks(&mut self, ledger: &Ledger, batch: &mut Batch) {
+        let deferred: Vec<JournalEntry> = ledger.deferred_failbacks().cloned().collect();
+        for skipped in deferred {
+            self.deferred_failback(ledger, skipped, batch);
+        }
+    }
+
+    fn deferred_failback(&mut self, ledger: &Ledger, skipped: JournalEntry, batch: &mut Batch) {
         let Some(key) = skipped.key.clone() else {
             return;
         };
+        let pair = skipped.target.clone().unwrap_or_default();
         // On the fallback, or about to be (a failover still running): the failback then
-        // waits in the backend's lane and decides against the state the failover left. A
+        // waits in the pair's lane and decides against the state the failover left. A
         // paused skip is never a repeat of a run that went (the once-only check comes first),
         // so the key may have been planned only by a run held at its start.
-        let on_fallback = ledger.backend().0 == crate::vocab::Backend::Fallback;
-        if !(on_fallback || batch.tentative.backend_moving(ledger))
+        let on_fallback = ledger.backend(&pair).0 == crate::vocab::Backend::Fallback;
+        if !(on_fallback || batch.tentative.backend_moving(ledger, &pair))
             || batch.tentative.planned_key(&key)
         {
             return;
@@ -284,7 +289,7 @@ impl Planner {
         let plan = Plan {
             rule: skipped.rule.clone().unwrap_or_default(),
             action: ActionKind::Failback,
-            target: None,
+            target: skipped.target.clone(),
             dry_run: skipped.dry_run,
             cooldown: None,
             origin: crate::vocab::Origin::Rule,

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::alert::Alert;
 use crate::ledger::{Ledger, Snapshot};
 use crate::rules::{Decision, RuleSet};
-use crate::vocab::{ActionKind, Origin, Plan, RunKey, Skip};
+use crate::vocab::{ActionKind, Backend, Origin, Plan, RunKey, Skip};
 
 /// Repairs allowed per target within a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,15 +34,18 @@ pub struct Tentative {
     resolved: HashSet<String>,
     /// A pause or resume decided earlier in the batch.
     paused: Option<bool>,
-    /// Whether the batch planned a run that moves the backend.
-    moves_backend: bool,
+    /// The pairs ("" for the one pair) whose backend a run of the batch moves.
+    moves_backend: HashSet<String>,
 }
 
 impl Tentative {
     /// `plan` was planned as `key`.
     pub fn planned(&mut self, key: &RunKey, plan: &Plan) {
         self.keys.insert(key.clone());
-        self.moves_backend |= plan.action.moves_backend() && !plan.dry_run;
+        if plan.action.moves_backend() && !plan.dry_run {
+            self.moves_backend
+                .insert(plan.target.clone().unwrap_or_default());
+        }
         if plan.dry_run || (plan.action.takes_target() && plan.target.is_none()) {
             return;
         }
@@ -61,9 +64,10 @@ impl Tentative {
         self.paused.unwrap_or_else(|| ledger.paused())
     }
 
-    /// Whether a failover or failback is planned or running (in the batch, or before it).
-    pub fn backend_moving(&self, ledger: &Ledger) -> bool {
-        self.moves_backend || ledger.backend_moving()
+    /// Whether a failover or failback of `pair` is planned or running (in the batch, or
+    /// before it).
+    pub fn backend_moving(&self, ledger: &Ledger, pair: &str) -> bool {
+        self.moves_backend.contains(pair) || ledger.backend_moving(pair)
     }
 
     /// Whether the batch planned `key` already.
@@ -164,7 +168,7 @@ impl Policy {
             target: request
                 .target
                 .clone()
-                .filter(|_| request.action.takes_target()),
+                .filter(|_| self.rules.allowlists().takes_target(request.action)),
             // The global dry_run holds for people too: nothing acts while it is set.
             dry_run: request.dry_run || self.rules.dry_run(),
             cooldown: None,
@@ -208,7 +212,8 @@ impl Policy {
             _ => {}
         }
         let raw_wake = |r: &Request| r.origin == Origin::Relay && r.target.is_none();
-        if let Some(request) = request.filter(|r| !raw_wake(r) && plan.action.takes_target()) {
+        let takes_target = self.rules.allowlists().takes_target(plan.action);
+        if let Some(request) = request.filter(|r| !raw_wake(r) && takes_target) {
             match &request.target {
                 None => return Err(Skip::NoTarget(plan.action)),
                 Some(t) if !self.rules.allowlists().allows(plan.action, t) => {
@@ -345,11 +350,33 @@ impl Policy {
             .exhausted()
             .map(|t| (t.to_owned(), self.exhausted_until(ledger, t, now)))
             .collect();
-        let (backend, backend_since) = ledger.backend();
+        let node_backends: Vec<_> = self
+            .rules
+            .allowlists()
+            .failover
+            .iter()
+            .map(|node| {
+                let (backend, since) = ledger.backend(node);
+                (node.clone(), backend, since)
+            })
+            .collect();
+        // Where each node has its own pair, the cluster counts as on the fallback while any
+        // node is, since the first of them moved.
+        let (backend, backend_since) = if node_backends.is_empty() {
+            ledger.backend("")
+        } else {
+            node_backends
+                .iter()
+                .filter(|(_, backend, _)| *backend == Backend::Fallback)
+                .map(|(_, backend, since)| (*backend, *since))
+                .min_by_key(|(_, since)| *since)
+                .unwrap_or_default()
+        };
         Snapshot {
             paused: ledger.paused(),
             backend,
             backend_since,
+            node_backends,
             cooldowns,
             exhausted,
             recent: ledger.recent().iter().cloned().collect::<Vec<_>>().into(),

@@ -35,7 +35,10 @@ pub fn missing(config: &Config) -> Vec<Missing> {
     let uses = |kinds: &[ActionKind]| -> Vec<ActionKind> {
         kinds.iter().copied().filter(|k| used.contains(k)).collect()
     };
-    let failover = &config.actions.failover.platform;
+    let failover = &config.actions.failover;
+    let platforms: Vec<&Platform> = std::iter::once(&failover.pair.platform)
+        .chain(failover.nodes.values().map(|pair| &pair.platform))
+        .collect();
     let repair = &config.actions.repair;
     let mut found = Vec::new();
 
@@ -51,7 +54,7 @@ pub fn missing(config: &Config) -> Vec<Missing> {
     }
 
     let mut needs_docker = Vec::new();
-    if matches!(failover, Platform::Docker(_)) {
+    if platforms.iter().any(|p| matches!(p, Platform::Docker(_))) {
         needs_docker.extend(uses(&[ActionKind::Failover, ActionKind::Failback]));
     }
     if !repair.docker.containers.is_empty() {
@@ -69,7 +72,10 @@ pub fn missing(config: &Config) -> Vec<Missing> {
     }
 
     let mut needs_kube = Vec::new();
-    if matches!(failover, Platform::Kubernetes(_)) {
+    if platforms
+        .iter()
+        .any(|p| matches!(p, Platform::Kubernetes(_)))
+    {
         needs_kube.extend(uses(&[ActionKind::Failover, ActionKind::Failback]));
     }
     if !repair.kubernetes.deployments.is_empty() {

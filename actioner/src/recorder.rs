@@ -170,7 +170,7 @@ impl Task {
                     if batch.tentative.paused(&self.ledger) != paused {
                         batch.tentative.set_paused(paused);
                         if !paused {
-                            self.planner.deferred_failback(&self.ledger, &mut batch);
+                            self.planner.deferred_failbacks(&self.ledger, &mut batch);
                         }
                         let event = if paused {
                             Event::Paused

@@ -105,7 +105,7 @@ impl RuleSet {
             cooldown: rule.cooldown.map(Into::into),
             origin: Origin::Rule,
         };
-        if !rule.action.takes_target() {
+        if !self.allowlists.takes_target(rule.action) {
             return Decision::Act(plan);
         }
         let named = rule.target.clone().or_else(|| {
@@ -118,8 +118,11 @@ impl RuleSet {
                 Some(host) if host == self.allowlists.host => Some(host),
                 other => return Decision::Skip(plan, Skip::NotThisHost(other)),
             },
-            // Wake defaults to the host the alert is about.
-            ActionKind::Wake => named.or_else(|| alert.host()),
+            // Wake defaults to the host the alert is about, and so does a failover or failback
+            // where each GPU node has its own pair: the node whose GPU the alert is about.
+            ActionKind::Wake | ActionKind::Failover | ActionKind::Failback => {
+                named.or_else(|| alert.host())
+            }
             _ => named,
         };
         let Some(target) = target else {
@@ -281,6 +284,47 @@ actions:
             &[("alertname", "AistackGpuHostWorkload")],
         );
         assert!(r.decide(&firing).is_empty());
+    }
+
+    #[test]
+    fn with_a_pair_per_node_the_alerts_node_is_the_failovers_target() {
+        let r = rules(
+            r#"
+exporter_url: "http://{node}:9470"
+rules:
+  - {name: failover, match: {alertname: AistackGpuHostWorkload}, action: failover}
+actions:
+  failover:
+    nodes:
+      gpu-a: {docker: {primary: vllm, fallback: ollama}}
+      gpu-b: {docker: {primary: vllm, fallback: ollama}}
+"#,
+        );
+        let on = |instance: &str| {
+            r.decide(&alert(
+                AlertStatus::Firing,
+                &[
+                    ("alertname", "AistackGpuHostWorkload"),
+                    ("instance", instance),
+                ],
+            ))
+        };
+        assert!(
+            matches!(&on("gpu-b:9470")[..], [Decision::Act(p)] if p.target.as_deref() == Some("gpu-b"))
+        );
+        assert!(
+            matches!(&on("gpu-c:9470")[..], [Decision::Skip(_, Skip::NotAllowlisted(_, t))] if t == "gpu-c"),
+            "a node without a pair is not acted on"
+        );
+        // A cluster-scoped alert names no node: no pair to move.
+        let cluster = r.decide(&alert(
+            AlertStatus::Firing,
+            &[("alertname", "AistackGpuHostWorkload")],
+        ));
+        assert!(matches!(
+            &cluster[..],
+            [Decision::Skip(_, Skip::NoTarget(_))]
+        ));
     }
 
     #[test]

@@ -58,8 +58,9 @@ impl ActionKind {
         }
     }
 
-    /// Whether a run names a target from the action's allowlist (the one place this is
-    /// decided). Failover and failback move the one inference backend; notify goes to the
+    /// Whether a run always names a target from the action's allowlist. Failover and failback
+    /// name one only where the config keeps a vLLM/Ollama pair per GPU node (see
+    /// [`Allowlists::takes_target`], the one place that decides); notify goes to the
     /// configured topic.
     pub const fn takes_target(self) -> bool {
         matches!(self, Self::Suspend | Self::Wake | Self::Repair)
@@ -87,6 +88,9 @@ pub struct Allowlists {
     pub repair: BTreeSet<String>,
     /// This host (suspend acts only for it).
     pub host: String,
+    /// `actions.failover.nodes`: the GPU nodes with a vLLM/Ollama pair of their own; empty
+    /// when one pair serves the cluster (failover and failback then take no target).
+    pub failover: BTreeSet<String>,
 }
 
 impl Allowlists {
@@ -96,8 +100,22 @@ impl Allowlists {
             ActionKind::Wake => Some(self.wake.clone()),
             ActionKind::Repair => Some(self.repair.clone()),
             ActionKind::Suspend => Some(BTreeSet::from([self.host.clone()])),
+            ActionKind::Failover | ActionKind::Failback if self.per_node_pairs() => {
+                Some(self.failover.clone())
+            }
             ActionKind::Failover | ActionKind::Failback | ActionKind::Notify => None,
         }
+    }
+
+    /// Whether a run of `action` names a target: always for suspend, wake and repair; for
+    /// failover and failback where each GPU node has its own pair (the node is the target).
+    pub fn takes_target(&self, action: ActionKind) -> bool {
+        action.takes_target() || (action.moves_backend() && self.per_node_pairs())
+    }
+
+    /// Whether each GPU node has a vLLM/Ollama pair of its own.
+    pub fn per_node_pairs(&self) -> bool {
+        !self.failover.is_empty()
     }
 
     /// Whether `action` may act on `target`.
@@ -106,7 +124,8 @@ impl Allowlists {
             ActionKind::Wake => self.wake.contains(target),
             ActionKind::Repair => self.repair.contains(target),
             ActionKind::Suspend => target == self.host,
-            ActionKind::Failover | ActionKind::Failback | ActionKind::Notify => false,
+            ActionKind::Failover | ActionKind::Failback => self.failover.contains(target),
+            ActionKind::Notify => false,
         }
     }
 }

@@ -11,70 +11,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use aistack_tests::ntfy::FakeNtfy;
-use aistack_tests::{binary, docker, get, get_with, wait_for, workspace_root};
-
-/// A base image with glibc and nothing else, like distroless/cc: the dynamic loader and the
-/// libraries the binaries link, `/etc/passwd` with nonroot (65532), `/tmp`, `/etc/os-release`.
-fn glibc_image() -> &'static str {
-    static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let tag = "aistack-test/glibc:1".to_owned();
-        let root = tempfile::tempdir().unwrap();
-        let binaries = [
-            binary("aistack-exporter"),
-            binary("aistack-actioner"),
-            PathBuf::from("/usr/bin/prometheus"),
-            PathBuf::from("/usr/bin/prometheus-alertmanager"),
-        ];
-        let mut libraries = std::collections::BTreeSet::new();
-        for binary in &binaries {
-            let out = Command::new("ldd").arg(binary).output().unwrap();
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-                let path = line
-                    .split_whitespace()
-                    .find(|word| word.starts_with('/'))
-                    .map(PathBuf::from);
-                libraries.extend(path);
-            }
-        }
-        assert!(libraries.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libraries:?}");
-        for library in &libraries {
-            let target = root.path().join(library.strip_prefix("/").unwrap());
-            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            std::fs::copy(std::fs::canonicalize(library).unwrap(), &target).unwrap();
-        }
-        let etc = root.path().join("etc");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            etc.join("passwd"),
-            "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
-        )
-        .unwrap();
-        std::fs::write(etc.join("group"), "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n").unwrap();
-        std::fs::copy("/etc/os-release", etc.join("os-release")).unwrap();
-        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
-        let tar = Command::new("tar")
-            .args(["-C", root.path().to_str().unwrap(), "--owner=0", "--group=0", "-cf", "-", "."])
-            .output()
-            .unwrap();
-        assert!(tar.status.success());
-        let mut import = Command::new("docker")
-            .args(["import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin", "-", &tag])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
-        assert!(import.wait().unwrap().success(), "docker import");
-        tag
-    })
-}
+use aistack_tests::{binary, docker, get, get_with, glibc_image, wait_for, workspace_root};
 
 /// `docker build` of `dockerfile` with `context`, quietly; panics with the output on failure.
 fn build(

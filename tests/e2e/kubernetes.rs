@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use aistack_tests::kubernetes::{FakeKubernetes, Pods, Recorded};
 use aistack_tests::stub::{StubServer, gpu_report};
 use aistack_tests::{
-    Daemon, binary, copy_tree, fake_gpu_exporter, fixtures, get, get_with_token, post_json,
-    wait_for, workspace_root,
+    Daemon, Network, binary, copy_tree, fake_gpu_exporter, fake_gpu_exporter_container, fixtures,
+    get, get_with_token, post_json, wait_for, workspace_root,
 };
 use serde_json::json;
 
@@ -141,6 +141,11 @@ fn webhook(setup: &Setup, status: &str, ends_at: &str) {
 
 /// [`webhook`] about the node at `instance`.
 fn webhook_from(setup: &Setup, status: &str, ends_at: &str, instance: &str) {
+    webhook_about(setup, status, ends_at, instance, "4f1c9b5a0e2d7c36");
+}
+
+/// [`webhook_from`], the alert's fingerprint `fingerprint` (one per node's alert).
+fn webhook_about(setup: &Setup, status: &str, ends_at: &str, instance: &str, fingerprint: &str) {
     let body = json!({
         "version": "4", "status": status, "receiver": "aistack-actioner",
         "groupLabels": {"alertname": "AistackGpuHostWorkload"}, "commonLabels": {}, "commonAnnotations": {},
@@ -151,7 +156,7 @@ fn webhook_from(setup: &Setup, status: &str, ends_at: &str, instance: &str) {
             "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": instance, "gpu": "0"},
             "annotations": {"summary": format!("Someone else is using GPU 0 on {instance}")},
             "startsAt": "2026-11-22T22:00:00Z", "endsAt": ends_at,
-            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": fingerprint
         }]
     });
     let reply = post_json(
@@ -450,15 +455,20 @@ fn with_gpu_nodes_failback_waits_until_no_node_has_a_game() {
     assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
 }
 
-/// One node's real exporter (the stand-in NVML answering for its GPU, its own procfs) on
-/// `address`; `game` puts a game (`Cyberpunk2077.exe`, pid 4242, 6 GiB) on its GPU.
+/// One node's real exporter (the stand-in NVML answering for its GPU, its own procfs): on a
+/// loopback address, or in a container of its own address; `game` puts a game
+/// (`Cyberpunk2077.exe`, pid 4242, 6 GiB) on its GPU.
 struct Node {
     dir: tempfile::TempDir,
-    exporter: Daemon,
+    /// Its exporter's base URL.
+    url: String,
+    /// Its address, as alerts name the node.
+    address: String,
+    _exporter: Box<dyn std::any::Any>,
 }
 
 impl Node {
-    fn start(address: &str, game: bool) -> Self {
+    fn prepare(game: bool) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         copy_tree(&fixtures().join("roots/t0"), dir.path());
         let proc = dir.path().join("proc/4242");
@@ -471,8 +481,31 @@ impl Node {
         )
         .unwrap();
         Self::set_game(dir.path(), game);
+        dir
+    }
+
+    /// On `address` (a loopback address and port).
+    fn start(address: &str, game: bool) -> Self {
+        let dir = Self::prepare(game);
         let exporter = fake_gpu_exporter(dir.path(), "", "", address, &[]);
-        Self { dir, exporter }
+        Self {
+            url: exporter.url(""),
+            address: address.rsplit_once(':').unwrap().0.to_owned(),
+            dir,
+            _exporter: Box::new(exporter),
+        }
+    }
+
+    /// In a container `name` of `network`, on port 9470 of its address.
+    fn in_container(network: &Network, name: &str, game: bool) -> Self {
+        let dir = Self::prepare(game);
+        let (container, address) = fake_gpu_exporter_container(network, name, dir.path(), "");
+        Self {
+            url: format!("http://{address}:9470"),
+            address,
+            dir,
+            _exporter: Box::new(container),
+        }
     }
 
     fn set_game(dir: &std::path::Path, game: bool) {
@@ -495,7 +528,7 @@ impl Node {
     fn wait_gaming(&self, want: bool) {
         wait_for(Duration::from_secs(20), "the GPU API", || {
             let report: serde_json::Value =
-                serde_json::from_str(&get(&self.exporter.url("/api/v1/gpu")).body).ok()?;
+                serde_json::from_str(&get(&format!("{}/api/v1/gpu", self.url)).body).ok()?;
             (report["gpus"][0]["host_workload_active"] == want).then_some(())
         });
     }
@@ -544,6 +577,214 @@ fn two_real_exporters_a_game_on_node_b_is_handled_by_bs_gpu() {
     let end = wait_for_end(&setup, "failback");
     assert_eq!(end["event"], "succeeded", "{end}");
     assert_eq!(setup.api.deployment("ml", "vllm")["spec"]["replicas"], 2);
+}
+
+/// A vLLM/Ollama pair per GPU node (`actions.failover.nodes`), the nodes containers of their
+/// own address on a Docker network, each with the real exporter (the stand-in NVML for its
+/// GPU): Deployments `vllm-N`/`ollama-N` and Service `inference-N` per node. A game on B fails
+/// over B's pair only; A's game later fails over A's; B's resolution fails B's pair back by
+/// B's GPU while A's game goes on, and A's pair stays on its fallback. The state API and
+/// `/metrics` show each node's backend.
+#[test]
+fn with_a_pair_per_gpu_node_each_node_fails_over_and_back_on_its_own() {
+    let network = Network::create("gpu-nodes");
+    let nodes = [
+        Node::in_container(&network, "gpu-a", false),
+        Node::in_container(&network, "gpu-b", true),
+    ];
+    nodes[0].wait_gaming(false);
+    nodes[1].wait_gaming(true);
+    let api = FakeKubernetes::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut pairs = String::new();
+    let mut health = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let vllm = format!("vllm-{i}");
+        let pods = Pods {
+            ready_after: Duration::from_millis(500),
+            ..Pods::default()
+        };
+        api.add_deployment("ml", &vllm, 1, &[("app", &vllm)], pods);
+        let ollama = format!("ollama-{i}");
+        api.add_deployment("ml", &ollama, 0, &[("app", &ollama)], Pods::default());
+        api.add_service("ml", &format!("inference-{i}"), &[("app", &vllm)]);
+        let (v, o) = (StubServer::start(), StubServer::start());
+        v.set("/health", 200, "");
+        o.set("/api/tags", 200, r#"{"models":[]}"#);
+        pairs.push_str(&format!(
+            "      \"{node}\":\n        kubernetes: {{namespace: ml, primary: {vllm}, fallback: {ollama}, service: inference-{i}}}\n        primary_health_url: \"{v}/health\"\n        fallback_health_url: \"{o}/api/tags\"\n",
+            node = node.address,
+            v = v.url,
+            o = o.url,
+        ));
+        health.push((v, o));
+    }
+    aistack_tests::write_secret(dir.path().join("token"), TOKEN);
+    let config = dir.path().join("actioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_dir: {state}
+exporter_url: "http://{{node}}:9470"
+auth: {{bearer_token_file: {token}}}
+rules:
+  - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
+  - {{name: failback, match: {{alertname: AistackGpuHostWorkload}}, on: resolved, action: failback}}
+actions:
+  failover:
+    platform: kubernetes
+    fallback_timeout: 20s
+    primary_timeout: 10s
+    nodes:
+{pairs}"#,
+            state = dir.path().join("state").display(),
+            token = dir.path().join("token").display(),
+        ),
+    )
+    .unwrap();
+    let (check, _, stderr) = aistack_tests::run(
+        "aistack-actioner",
+        &["check-config", "--config.file", config.to_str().unwrap()],
+    );
+    assert_eq!(check, 0, "{stderr}");
+    let mut command = Command::new(binary("aistack-actioner"));
+    command
+        .env("KUBECONFIG", &api.kubeconfig)
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let actioner = Daemon::start_with(command, &["--config.file", config.to_str().unwrap()]);
+    let setup = Setup {
+        api,
+        exporter: StubServer::start(),
+        actioner,
+        _dir: dir,
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let instance = |node: &Node| format!("{}:9470", node.address);
+    let ended = |rule: &str, node: &Node| {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{rule} on {}", node.address),
+            || {
+                journal(&setup).into_iter().find(|e| {
+                    e["rule"] == rule
+                        && e["target"] == node.address.as_str()
+                        && ["succeeded", "failed", "skipped"]
+                            .contains(&e["event"].as_str().unwrap_or(""))
+                })
+            },
+        )
+    };
+    let replicas = |name: &str| setup.api.deployment("ml", name)["spec"]["replicas"].clone();
+    let state = || -> serde_json::Value {
+        serde_json::from_str(&get_with_token(&setup.actioner.url("/api/v1/state"), TOKEN).body)
+            .unwrap()
+    };
+
+    // B's game: B's pair fails over; A's is not touched.
+    webhook_about(
+        &setup,
+        "firing",
+        "0001-01-01T00:00:00Z",
+        &instance(b),
+        "b0b0b0b0b0b0b0b0",
+    );
+    let end = ended("failover-when-gaming", b);
+    assert_eq!(end["event"], "succeeded", "{end}");
+    assert_eq!(replicas("vllm-1"), 0);
+    assert_eq!(
+        setup.api.selector("ml", "inference-1"),
+        json!({"app": "ollama-1"})
+    );
+    assert_eq!(replicas("vllm-0"), 1, "A's pair is not B's");
+    assert_eq!(
+        setup.api.selector("ml", "inference-0"),
+        json!({"app": "vllm-0"})
+    );
+    let now = state();
+    assert_eq!(
+        now["nodes"][&b.address]["inference_backend"], "fallback",
+        "{now}"
+    );
+    assert_eq!(
+        now["nodes"][&a.address]["inference_backend"], "primary",
+        "{now}"
+    );
+    assert_eq!(now["inference_backend"], "fallback", "{now}");
+    let metrics = setup.actioner.get("/metrics").body;
+    for (node, backend, value) in [(b, "fallback", 1), (a, "primary", 1), (a, "fallback", 0)] {
+        let line = format!(
+            "aistack_actioner_inference_backend{{node=\"{}\",backend=\"{backend}\"}} {value}",
+            node.address
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+
+    // A has a game too: its own alert fails its own pair over.
+    a.game(true);
+    webhook_about(
+        &setup,
+        "firing",
+        "0001-01-01T00:00:00Z",
+        &instance(a),
+        "a0a0a0a0a0a0a0a0",
+    );
+    let end = ended("failover-when-gaming", a);
+    assert_eq!(end["event"], "succeeded", "{end}");
+    assert_eq!(replicas("vllm-0"), 0);
+
+    // A person asks to fail B back while B's game runs: B's own exporter says no.
+    let body = format!(r#"{{"target": "{}"}}"#, b.address);
+    let early = trigger(&setup, "failback", &body);
+    assert_eq!(early["status"], "skipped", "{early}");
+    assert!(
+        early["detail"].as_str().unwrap().contains("Cyberpunk"),
+        "{early}"
+    );
+
+    // B's game ends, A's goes on: B's resolution brings B's vLLM back by B's GPU alone.
+    b.game(false);
+    webhook_about(
+        &setup,
+        "resolved",
+        "2026-11-22T23:00:00Z",
+        &instance(b),
+        "b0b0b0b0b0b0b0b0",
+    );
+    let end = ended("failback", b);
+    assert_eq!(end["event"], "succeeded", "{end}");
+    assert_eq!(replicas("vllm-1"), 1);
+    assert_eq!(
+        setup.api.selector("ml", "inference-1"),
+        json!({"app": "vllm-1"})
+    );
+    assert_eq!(replicas("vllm-0"), 0, "A's pair stays on its fallback");
+    let now = state();
+    assert_eq!(
+        now["nodes"][&b.address]["inference_backend"], "primary",
+        "{now}"
+    );
+    assert_eq!(
+        now["nodes"][&a.address]["inference_backend"], "fallback",
+        "{now}"
+    );
+
+    // With a pair per node, the target names the node: no "node", no run without a target,
+    // no node without a pair.
+    for body in [
+        format!(r#"{{"target": "{}", "node": "{}"}}"#, a.address, a.address),
+        "{}".to_owned(),
+        r#"{"target": "gpu-c"}"#.to_owned(),
+    ] {
+        let reply = post_json(
+            &setup.actioner.url("/api/v1/actions/failback"),
+            Some(TOKEN),
+            &body,
+        );
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+    }
+    drop(health);
 }
 
 #[test]

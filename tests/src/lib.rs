@@ -230,6 +230,16 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
+/// The status of a GET of `url` within 2 s; `None` when it does not answer.
+pub fn get_status(url: &str) -> Option<u16> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    agent.get(url).call().ok().map(|r| r.status().as_u16())
+}
+
 /// Runs `command` with `text` on its stdin; `install` says where the program comes from.
 fn pipe_through(mut command: Command, text: &str, install: &str) -> std::process::Output {
     use std::io::Write;
@@ -325,6 +335,80 @@ pub fn fake_gpu_exporter(
         ],
         address,
     )
+}
+
+/// The exporter in a container of `network` — a GPU node of its own address — with the
+/// stand-in NVML answering from `dir/scenario.json`, its procfs and sysfs `dir/proc` and
+/// `dir/sys`, its state in `dir/state`, and `config` (YAML lines) after the `gpu:` line; on
+/// port 9470 of the container's address, which it returns once the exporter answers.
+pub fn fake_gpu_exporter_container(
+    network: &Network,
+    name: &str,
+    dir: &Path,
+    config: &str,
+) -> (Container, String) {
+    std::fs::write(
+        dir.join("exporter.yaml"),
+        format!("gpu: {{nvml_library: /opt/aistack/libfake_nvml.so}}\n{config}"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let mount = |from: &Path, to: &str| format!("{}:{to}", from.display());
+    let user = {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(dir).unwrap();
+        format!("{}:{}", meta.uid(), meta.gid())
+    };
+    let container = Container::run_image_with(
+        name,
+        glibc_image(),
+        &[
+            "--network",
+            &network.name,
+            "--user",
+            &user,
+            "-v",
+            &mount(
+                &binary("aistack-exporter"),
+                "/usr/local/bin/aistack-exporter:ro",
+            ),
+            "-v",
+            &mount(&fake_nvml_library(), "/opt/aistack/libfake_nvml.so:ro"),
+            "-v",
+            &mount(dir, "/node"),
+            "-e",
+            "FAKE_NVML_SCENARIO=/node/scenario.json",
+            "-e",
+            "FAKE_NVML_CALLS=/node/calls.log",
+            "-e",
+            "STATE_DIRECTORY=/node/state",
+        ],
+        &[
+            "/usr/local/bin/aistack-exporter",
+            "--config.file",
+            "/node/exporter.yaml",
+            "--path.procfs",
+            "/node/proc",
+            "--path.sysfs",
+            "/node/sys",
+            "--web.listen-address",
+            "0.0.0.0:9470",
+            "--log.format",
+            "json",
+        ],
+    );
+    let address = container.address_on(network);
+    let url = format!("http://{address}:9470/healthz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_status(&url) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the exporter in {name} did not answer at {url}; its log:\n{}",
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (container, address)
 }
 
 /// A running aistack binary on a loopback port; killed on drop.
@@ -752,6 +836,66 @@ impl Drop for Image {
     }
 }
 
+/// A base image with glibc and nothing else, like distroless/cc: the dynamic loader and the
+/// libraries the binaries (and the stand-in NVML) link, `/etc/passwd` with nonroot (65532), `/tmp`, `/etc/os-release`.
+pub fn glibc_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let tag = "aistack-test/glibc:1".to_owned();
+        let root = tempfile::tempdir().unwrap();
+        let binaries = [
+            binary("aistack-exporter"),
+            binary("aistack-actioner"),
+            fake_nvml_library(),
+            PathBuf::from("/usr/bin/prometheus"),
+            PathBuf::from("/usr/bin/prometheus-alertmanager"),
+        ];
+        let mut libraries = std::collections::BTreeSet::new();
+        for binary in &binaries {
+            let out = Command::new("ldd").arg(binary).output().unwrap();
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+                let path = line
+                    .split_whitespace()
+                    .find(|word| word.starts_with('/'))
+                    .map(PathBuf::from);
+                libraries.extend(path);
+            }
+        }
+        assert!(libraries.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libraries:?}");
+        for library in &libraries {
+            let target = root.path().join(library.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(std::fs::canonicalize(library).unwrap(), &target).unwrap();
+        }
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("group"), "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n").unwrap();
+        std::fs::copy("/etc/os-release", etc.join("os-release")).unwrap();
+        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
+        let tar = Command::new("tar")
+            .args(["-C", root.path().to_str().unwrap(), "--owner=0", "--group=0", "-cf", "-", "."])
+            .output()
+            .unwrap();
+        assert!(tar.status.success());
+        let mut import = Command::new("docker")
+            .args(["import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin", "-", &tag])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+        assert!(import.wait().unwrap().success(), "docker import");
+        tag
+    })
+}
+
 /// A container removed (with `docker rm -f`) when dropped.
 pub struct Container {
     /// Its name.
@@ -774,6 +918,11 @@ impl Container {
     /// `docker run -d` of another image.
     pub fn run_image(name: &str, image: &str, docker_args: &[&str]) -> Self {
         Self::start_image("run", name, docker_args, image, &[])
+    }
+
+    /// `docker run -d` of another image, with `command` (its arguments after the image).
+    pub fn run_image_with(name: &str, image: &str, docker_args: &[&str], command: &[&str]) -> Self {
+        Self::start_image("run", name, docker_args, image, command)
     }
 
     /// `docker create` of another image.
@@ -804,6 +953,57 @@ impl Container {
         args.extend(command);
         let id = docker(&args);
         Self { name, id }
+    }
+}
+
+impl Container {
+    /// Its address on `network`.
+    pub fn address_on(&self, network: &Network) -> String {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            network.name
+        );
+        docker(&["inspect", "-f", &format, &self.id])
+    }
+
+    /// What it wrote to stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        let out = Command::new("docker")
+            .args(["logs", &self.id])
+            .output()
+            .expect("docker logs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+/// A Docker bridge network of the test's own (its containers get their own addresses, which
+/// this machine reaches); removed when dropped.
+pub struct Network {
+    /// Its name.
+    pub name: String,
+}
+
+impl Network {
+    /// `docker network create`.
+    pub fn create(name: &str) -> Self {
+        let name = format!("aistack-test-{}-{name}", std::process::id());
+        let _ = Command::new("docker")
+            .args(["network", "rm", &name])
+            .output();
+        docker(&["network", "create", "--label", "aistack-test=1", &name]);
+        Self { name }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.name])
+            .output();
     }
 }
 

@@ -27,6 +27,7 @@
 //!
 //! The current backend is kept in the journal (see `GET /api/v1/state`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use aistack_common::api::{GPU_PATH, GpuReport};
@@ -41,21 +42,33 @@ use crate::kubernetes::{KubeControl, REPLICAS_BEFORE_FAILOVER};
 use crate::poll;
 use crate::vocab::ActionKind;
 
-/// `actions.failover`: where the two inference services run, how to tell they serve.
+/// `actions.failover`: where the two inference services run, how to tell they serve — one
+/// pair for the cluster (or the host), or one pair per GPU node (`nodes`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(from = "FailoverFile")]
 pub struct FailoverConfig {
+    /// The pair when one serves the cluster (or the one host).
+    pub pair: Pair,
+    /// One pair per GPU node, by the node's name as alerts name it (their `host` label, else
+    /// the host part of `instance`). When set, a failover or failback is about one node: its
+    /// target, its own pair, its own state, its own exporter's re-check.
+    pub nodes: BTreeMap<String, Pair>,
+    /// How long the fallback may take to answer after failing over (default 2m).
+    pub fallback_timeout: HumanDuration,
+    /// How long the primary may take to load its model and answer after failing back
+    /// (default 15m); past it the fallback stays.
+    pub primary_timeout: HumanDuration,
+}
+
+/// One vLLM/Ollama pair: where the two run and how to tell they serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
     /// The platform and its settings.
     pub platform: Platform,
     /// Health URL of the primary (vLLM), checked before failing back.
     pub primary_health_url: String,
     /// Health URL of the fallback (Ollama), checked after failing over.
     pub fallback_health_url: String,
-    /// How long the fallback may take to answer after failing over (default 2m).
-    pub fallback_timeout: HumanDuration,
-    /// How long the primary may take to load its model and answer after failing back
-    /// (default 15m); past it the fallback stays.
-    pub primary_timeout: HumanDuration,
 }
 
 impl Default for FailoverConfig {
@@ -132,6 +145,18 @@ struct FailoverFile {
     fallback_health_url: String,
     fallback_timeout: HumanDuration,
     primary_timeout: HumanDuration,
+    nodes: BTreeMap<String, PairFile>,
+}
+
+/// `actions.failover.nodes.<node>` as written: its platform's section; the health URLs
+/// default to `actions.failover`'s.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairFile {
+    docker: Option<DockerFailover>,
+    kubernetes: Option<KubernetesFailover>,
+    primary_health_url: Option<String>,
+    fallback_health_url: Option<String>,
 }
 
 impl Default for FailoverFile {
@@ -144,38 +169,67 @@ impl Default for FailoverFile {
             fallback_health_url: "http://127.0.0.1:11434/api/tags".into(),
             fallback_timeout: HumanDuration::from_secs(120),
             primary_timeout: HumanDuration::from_secs(900),
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+impl Platform {
+    fn of(
+        kind: PlatformKind,
+        docker: Option<DockerFailover>,
+        kubernetes: Option<KubernetesFailover>,
+    ) -> Self {
+        match (kind, docker, kubernetes) {
+            (PlatformKind::Docker, Some(docker), _) => Self::Docker(docker),
+            (PlatformKind::Kubernetes, _, Some(kubernetes)) => Self::Kubernetes(kubernetes),
+            (kind, _, _) => Self::Unconfigured(kind),
         }
     }
 }
 
 impl From<FailoverFile> for FailoverConfig {
     fn from(file: FailoverFile) -> Self {
-        let platform = match (file.platform, file.docker, file.kubernetes) {
-            (PlatformKind::Docker, Some(docker), _) => Platform::Docker(docker),
-            (PlatformKind::Kubernetes, _, Some(kubernetes)) => Platform::Kubernetes(kubernetes),
-            (kind, _, _) => Platform::Unconfigured(kind),
-        };
+        let nodes = file
+            .nodes
+            .into_iter()
+            .map(|(node, pair)| {
+                let pair = Pair {
+                    platform: Platform::of(file.platform, pair.docker, pair.kubernetes),
+                    primary_health_url: pair
+                        .primary_health_url
+                        .unwrap_or_else(|| file.primary_health_url.clone()),
+                    fallback_health_url: pair
+                        .fallback_health_url
+                        .unwrap_or_else(|| file.fallback_health_url.clone()),
+                };
+                (node, pair)
+            })
+            .collect();
         Self {
-            platform,
-            primary_health_url: file.primary_health_url,
-            fallback_health_url: file.fallback_health_url,
+            pair: Pair {
+                platform: Platform::of(file.platform, file.docker, file.kubernetes),
+                primary_health_url: file.primary_health_url,
+                fallback_health_url: file.fallback_health_url,
+            },
+            nodes,
             fallback_timeout: file.fallback_timeout,
             primary_timeout: file.primary_timeout,
         }
     }
 }
 
-impl FailoverConfig {
-    /// Problems with the URLs and the two services (paths under `actions.failover`).
-    pub fn validate(&self, problems: &mut Problems) {
+impl Pair {
+    /// Problems with its URLs and its two services (paths under `at`).
+    fn validate(&self, problems: &mut Problems, at: &str) {
         check_http_url(
             problems,
-            "actions.failover.primary_health_url",
+            format!("{at}.primary_health_url"),
             &self.primary_health_url,
         );
         check_http_url(
             problems,
-            "actions.failover.fallback_health_url",
+            format!("{at}.fallback_health_url"),
             &self.fallback_health_url,
         );
         let (key, same) = match &self.platform {
@@ -185,16 +239,64 @@ impl FailoverConfig {
         };
         problems.check(
             !same,
-            format!("actions.failover.{key}.fallback"),
+            format!("{at}.{key}.fallback"),
             "must differ from primary",
         );
+    }
+}
+
+impl FailoverConfig {
+    /// Problems with the URLs and the services of every pair (paths under
+    /// `actions.failover`).
+    pub fn validate(&self, problems: &mut Problems) {
+        const AT: &str = "actions.failover";
+        if self.nodes.is_empty() {
+            self.pair.validate(problems, AT);
+            return;
+        }
+        if !matches!(self.pair.platform, Platform::Unconfigured(_)) {
+            problems.push(
+                AT,
+                "set one pair (docker/kubernetes) for the cluster or `nodes`, a pair per GPU node, not both",
+            );
+        }
+        for (node, pair) in &self.nodes {
+            let at = format!("{AT}.nodes.{node}");
+            problems.check(
+                crate::exporter::valid_node(node),
+                &at,
+                format!(
+                    "{node:?} is not a node name (a host name or an IP address, as alerts name it)"
+                ),
+            );
+            if let Platform::Unconfigured(kind) = pair.platform {
+                problems.push(&at, format!("needs its {} section", kind.key()));
+            }
+            pair.validate(problems, &at);
+        }
     }
 
     /// `None` when failover can run; otherwise the section it needs.
     pub fn missing_section(&self) -> Option<&'static str> {
-        match self.platform {
+        match self.pair.platform {
+            _ if !self.nodes.is_empty() => None,
             Platform::Unconfigured(kind) => Some(kind.key()),
             _ => None,
+        }
+    }
+
+    /// The pair a run on `target` moves: the node's own where pairs are per node, else the
+    /// one pair.
+    fn pair_of(&self, target: Option<&str>) -> Result<&Pair, ActionError> {
+        match target {
+            None if self.nodes.is_empty() => Ok(&self.pair),
+            None => Err(ActionError::Failed(
+                "each GPU node has its own pair (actions.failover.nodes): the run names none"
+                    .into(),
+            )),
+            Some(node) => self.nodes.get(node).ok_or_else(|| {
+                ActionError::Failed(format!("no pair for node {node} in actions.failover.nodes"))
+            }),
         }
     }
 }
@@ -262,21 +364,30 @@ impl Failover {
         }))
     }
 
-    async fn failover(&self) -> Result<String, ActionError> {
-        match &self.config.platform {
-            Platform::Docker(d) => self.failover_docker(d).await,
-            Platform::Kubernetes(k) => self.failover_kubernetes(k).await,
+    async fn failover(&self, target: Option<&str>) -> Result<String, ActionError> {
+        let pair = self.config.pair_of(target)?;
+        match &pair.platform {
+            Platform::Docker(d) => self.failover_docker(pair, d).await,
+            Platform::Kubernetes(k) => self.failover_kubernetes(pair, k).await,
             Platform::Unconfigured(kind) => Err(unconfigured(*kind)),
         }
     }
 
-    async fn failback(&self, force: bool, node: Option<&str>) -> Result<String, ActionError> {
+    /// Fails `target`'s pair back (the one pair when `None`), after the GPU check on `node` —
+    /// the pair's own node where pairs are per node.
+    async fn failback(
+        &self,
+        force: bool,
+        target: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<String, ActionError> {
+        let pair = self.config.pair_of(target)?;
         if !force {
-            self.gpu_is_free(node).await?;
+            self.gpu_is_free(target, node).await?;
         }
-        let done = match &self.config.platform {
-            Platform::Docker(d) => self.failback_docker(d).await,
-            Platform::Kubernetes(k) => self.failback_kubernetes(k).await,
+        let done = match &pair.platform {
+            Platform::Docker(d) => self.failback_docker(pair, d).await,
+            Platform::Kubernetes(k) => self.failback_kubernetes(pair, k).await,
             Platform::Unconfigured(kind) => Err(unconfigured(*kind)),
         }?;
         Ok(if force {
@@ -286,7 +397,11 @@ impl Failover {
         })
     }
 
-    async fn failover_docker(&self, d: &DockerFailover) -> Result<String, ActionError> {
+    async fn failover_docker(
+        &self,
+        pair: &Pair,
+        d: &DockerFailover,
+    ) -> Result<String, ActionError> {
         let (primary, fallback) = (d.primary.as_str(), d.fallback.as_str());
         let p = self.docker.inspect(primary).await?;
         let f = self
@@ -306,7 +421,7 @@ impl Failover {
         self.docker.start(&f).await?;
         wait_http(
             &self.client,
-            &self.config.fallback_health_url,
+            &pair.fallback_health_url,
             self.config.fallback_timeout.into(),
         )
         .await
@@ -321,13 +436,30 @@ impl Failover {
         ))
     }
 
-    /// Failback's re-check: the exporter — of `node` and of every one in `gpu_nodes`, where
-    /// `exporter_url` names the node — shows, positively, that no host workload holds a GPU.
-    /// A run whose node cannot be named fails (and pages): it is not a condition that passes.
-    async fn gpu_is_free(&self, node: Option<&str>) -> Result<(), ActionError> {
+    /// Where failback re-checks the GPU: the exporter of a per-node pair's own node; for the
+    /// one pair, of the run's `node` and of every one in `gpu_nodes` (where `exporter_url`
+    /// names the node), or the one exporter.
+    fn recheck_urls(
+        &self,
+        target: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        match target {
+            Some(pair_node) => self.exporter.urls(Some(pair_node), &[], GPU_PATH),
+            None => self.exporter.urls(node, &self.gpu_nodes, GPU_PATH),
+        }
+    }
+
+    /// Failback's re-check: the exporters of [`Self::recheck_urls`] show, positively, that no
+    /// host workload holds a GPU. A run whose node cannot be named fails (and pages): it is
+    /// not a condition that passes.
+    async fn gpu_is_free(
+        &self,
+        target: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<(), ActionError> {
         let urls = self
-            .exporter
-            .urls(node, &self.gpu_nodes, GPU_PATH)
+            .recheck_urls(target, node)
             .map_err(|why| ActionError::Failed(format!("cannot re-check the GPU: {why}")))?;
         for url in &urls {
             self.gpu_is_free_at(url).await?;
@@ -364,7 +496,11 @@ impl Failover {
         })
     }
 
-    async fn failback_docker(&self, d: &DockerFailover) -> Result<String, ActionError> {
+    async fn failback_docker(
+        &self,
+        pair: &Pair,
+        d: &DockerFailover,
+    ) -> Result<String, ActionError> {
         let primary = d.primary.as_str();
         let p = self
             .docker
@@ -375,7 +511,7 @@ impl Failover {
         if p.running
             && wait_http(
                 &self.client,
-                &self.config.primary_health_url,
+                &pair.primary_health_url,
                 Duration::from_secs(2),
             )
             .await
@@ -386,7 +522,7 @@ impl Failover {
             ));
         }
         self.docker.start(&p).await?;
-        match wait_http(&self.client, &self.config.primary_health_url, timeout).await {
+        match wait_http(&self.client, &pair.primary_health_url, timeout).await {
             Ok(took) => Ok(format!(
                 "{primary} serving again after {:.1}s",
                 took.as_secs_f64()
@@ -407,7 +543,11 @@ fn unconfigured(kind: PlatformKind) -> ActionError {
 }
 
 impl Failover {
-    async fn failover_kubernetes(&self, k: &KubernetesFailover) -> Result<String, ActionError> {
+    async fn failover_kubernetes(
+        &self,
+        pair: &Pair,
+        k: &KubernetesFailover,
+    ) -> Result<String, ActionError> {
         let ns = k.namespace.as_str();
         let p = self.kube.deployment(ns, &k.primary).await?;
         let f = self.kube.deployment(ns, &k.fallback).await?;
@@ -448,7 +588,7 @@ impl Failover {
         {
             Ok(_) => {
                 let left = timeout.saturating_sub(started.elapsed());
-                wait_http(&self.client, &self.config.fallback_health_url, left)
+                wait_http(&self.client, &pair.fallback_health_url, left)
                     .await
                     .map(drop)
                     .map_err(|why| format!("{} is not healthy: {why}", k.fallback))
@@ -481,7 +621,11 @@ impl Failover {
         ))
     }
 
-    async fn failback_kubernetes(&self, k: &KubernetesFailover) -> Result<String, ActionError> {
+    async fn failback_kubernetes(
+        &self,
+        pair: &Pair,
+        k: &KubernetesFailover,
+    ) -> Result<String, ActionError> {
         let ns = k.namespace.as_str();
         let p = self.kube.deployment(ns, &k.primary).await?;
         let selector = self.kube.service_selector(ns, &k.service).await?;
@@ -514,7 +658,7 @@ impl Failover {
         let healthy = match ready {
             Ok(_) => {
                 let left = timeout.saturating_sub(started.elapsed());
-                wait_http(&self.client, &self.config.primary_health_url, left).await
+                wait_http(&self.client, &pair.primary_health_url, left).await
             }
             Err(why) => Err(why),
         };
@@ -550,6 +694,11 @@ impl Action for Failover {
         }
     }
 
+    /// One run per pair at once (their lanes keep each pair's runs in order).
+    fn concurrency(&self) -> usize {
+        self.config.nodes.len().max(1)
+    }
+
     fn timeout(&self) -> Duration {
         let wait: Duration = if self.to_fallback {
             self.config.fallback_timeout.into()
@@ -560,41 +709,43 @@ impl Action for Failover {
     }
 
     fn describe(&self, job: &Job) -> String {
+        let target = job.plan.target.as_deref();
+        let pair = match self.config.pair_of(target) {
+            Ok(pair) => pair,
+            Err(why) => return format!("would fail: {why}"),
+        };
         let check = if job.force {
             "skip the GPU check (forced)".to_owned()
         } else {
-            match self
-                .exporter
-                .urls(job.node.as_deref(), &self.gpu_nodes, GPU_PATH)
-            {
+            match self.recheck_urls(target, job.node.as_deref()) {
                 Ok(urls) => format!("check {} for host workload", urls.join(", ")),
                 Err(why) if !self.to_fallback => return format!("would fail: {why}"),
                 Err(_) => String::new(),
             }
         };
-        match (&self.config.platform, self.to_fallback) {
+        match (&pair.platform, self.to_fallback) {
             (Platform::Kubernetes(k), true) => format!(
                 "would scale {ns}/{} to 0, make sure {ns}/{} has a ready replica and answers {}, and point Service {ns}/{} at it",
                 k.primary,
                 k.fallback,
-                self.config.fallback_health_url,
+                pair.fallback_health_url,
                 k.service,
                 ns = k.namespace
             ),
             (Platform::Kubernetes(k), false) => format!(
                 "would {check}, scale {ns}/{} back up, wait for {} and point Service {ns}/{} at it",
                 k.primary,
-                self.config.primary_health_url,
+                pair.primary_health_url,
                 k.service,
                 ns = k.namespace
             ),
             (Platform::Docker(d), true) => format!(
                 "would stop {}, start {} and wait for {}",
-                d.primary, d.fallback, self.config.fallback_health_url
+                d.primary, d.fallback, pair.fallback_health_url
             ),
             (Platform::Docker(d), false) => format!(
                 "would {check}, start {} and wait for {}",
-                d.primary, self.config.primary_health_url
+                d.primary, pair.primary_health_url
             ),
             (Platform::Unconfigured(kind), _) => format!("would fail: {}", unconfigured(*kind)),
         }
@@ -605,10 +756,11 @@ impl Action for Failover {
         job: &'a Job,
         _context: &'a RunContext,
     ) -> BoxFuture<'a, Result<String, ActionError>> {
+        let target = job.plan.target.as_deref();
         if self.to_fallback {
-            Box::pin(self.failover())
+            Box::pin(self.failover(target))
         } else {
-            Box::pin(self.failback(job.force, job.node.as_deref()))
+            Box::pin(self.failback(job.force, target, job.node.as_deref()))
         }
     }
 }

@@ -118,7 +118,7 @@ fn the_failover_platform_carries_its_settings() {
     )
     .unwrap();
     assert!(
-        matches!(&config.actions.failover.platform, Platform::Kubernetes(k) if k.service == "inference")
+        matches!(&config.actions.failover.pair.platform, Platform::Kubernetes(k) if k.service == "inference")
     );
     let unconfigured: Config = parse("actions: {failover: {platform: kubernetes}}").unwrap();
     assert_eq!(
@@ -319,5 +319,102 @@ fn ha_is_checked() {
     assert!(
         parse::<Config>("ha: {leese: a/b}\n").is_err(),
         "unknown keys are refused"
+    );
+}
+
+const PAIRS: &str = r#"
+exporter_url: 'http://{node}:9470'
+rules:
+  - {name: failover-when-gaming, match: {alertname: AistackGpuHostWorkload}, on: firing, action: failover}
+  - {name: failback, match: {alertname: AistackGpuHostWorkload}, on: resolved, action: failback}
+actions:
+  failover:
+    platform: kubernetes
+    fallback_health_url: "http://ollama.ml.svc:11434/api/tags"
+    nodes:
+      gpu-a:
+        kubernetes: {namespace: ml, primary: vllm-a, fallback: ollama-a, service: inference-a}
+        primary_health_url: "http://vllm-a.ml.svc:8000/health"
+      gpu-b:
+        kubernetes: {namespace: ml, primary: vllm-b, fallback: ollama-b, service: inference-b}
+        primary_health_url: "http://vllm-b.ml.svc:8000/health"
+"#;
+
+#[test]
+fn a_pair_per_gpu_node_is_checked() {
+    let config: Config = parse(PAIRS).unwrap_or_else(|p| panic!("{p:#?}"));
+    let nodes = &config.actions.failover.nodes;
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(
+        nodes["gpu-b"].primary_health_url,
+        "http://vllm-b.ml.svc:8000/health"
+    );
+    assert_eq!(
+        nodes["gpu-b"].fallback_health_url, "http://ollama.ml.svc:11434/api/tags",
+        "inherited from actions.failover"
+    );
+    let allowlists = config.allowlists();
+    assert!(allowlists.takes_target(ActionKind::Failback));
+    assert!(allowlists.allows(ActionKind::Failover, "gpu-a"));
+    assert!(!allowlists.allows(ActionKind::Failover, "gpu-c"));
+    assert!(
+        !Config::default()
+            .allowlists()
+            .takes_target(ActionKind::Failover)
+    );
+    assert!(config.actions.failover.missing_section().is_none());
+
+    // Without {node} every pair's failback would ask one exporter; gpu_nodes is for one pair.
+    let problems = problems_in(
+        &PAIRS
+            .replace("'http://{node}:9470'", "'http://127.0.0.1:9470'")
+            .replace("rules:", "gpu_nodes: [gpu-a]\nrules:"),
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("actions.failover.nodes:") && p.contains("{node}")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("gpu_nodes:")),
+        "{problems:?}"
+    );
+    // A pair without its platform's section, a bad URL, a node name no alert can carry, and
+    // the cluster's pair beside the nodes'.
+    let problems = problems_in(
+        &PAIRS
+            .replace(
+                "        kubernetes: {namespace: ml, primary: vllm-b, fallback: ollama-b, service: inference-b}\n",
+                "        docker: {primary: vllm, fallback: ollama}\n",
+            )
+            .replace("http://vllm-a.ml.svc:8000/health", "vllm-a:8000")
+            .replace("      gpu-a:", "      'gpu a':")
+            .replace(
+                "    platform: kubernetes\n",
+                "    platform: kubernetes\n    kubernetes: {namespace: ml, primary: vllm, fallback: ollama, service: inference}\n",
+            ),
+    );
+    for want in [
+        "actions.failover.nodes.gpu-b: needs its kubernetes section",
+        "actions.failover.nodes.gpu a.primary_health_url",
+        "actions.failover.nodes.gpu a: \"gpu a\" is not a node name",
+        "actions.failover: set one pair",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(want)),
+            "{want}: {problems:?}"
+        );
+    }
+    // A rule may pin a pair; only a configured node.
+    let problems = problems_in(&PAIRS.replace(
+        "on: resolved, action: failback}",
+        "on: resolved, action: failback, target: gpu-c}",
+    ));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("rules[1].target") && p.contains("gpu-a, gpu-b")),
+        "{problems:?}"
     );
 }

@@ -49,7 +49,7 @@ fn a_journal_written_by_0_1_0_replays_to_the_state_it_describes() {
         expected["paused"].as_bool().unwrap(),
         "pause kept"
     );
-    let (backend, since) = ledger.backend();
+    let (backend, since) = ledger.backend("");
     assert_eq!(backend.as_str(), expected["backend"].as_str().unwrap());
     assert_eq!(
         since.unwrap().to_string(),
@@ -63,7 +63,7 @@ fn a_journal_written_by_0_1_0_replays_to_the_state_it_describes() {
         assert!(ledger.ran(&key) || !key.is_once_only(), "{key}");
     }
     assert!(ledger.open_runs().next().is_none(), "every run ended");
-    assert!(ledger.deferred_failback().is_none());
+    assert!(ledger.deferred_failbacks().next().is_none());
     let exhausted: Vec<&str> = ledger.exhausted().collect();
     let want: Vec<&str> = expected["exhausted_targets"]
         .as_array()
@@ -145,7 +145,7 @@ fn a_checkpoint_restores_exactly_the_state_it_was_taken_from() {
         )
         .because(&Skip::Paused),
     );
-    assert!(ledger.deferred_failback().is_some());
+    assert!(ledger.deferred_failbacks().next().is_some());
     assert!(ledger.open_runs().count() > 6000);
 
     let checkpoint = ledger.checkpoint();
@@ -168,7 +168,7 @@ fn a_checkpoint_restores_exactly_the_state_it_was_taken_from() {
     }
     assert_eq!(state(&restored), state(&ledger));
     // The deferred failback keeps the node its re-check asks.
-    let deferred = restored.deferred_failback().unwrap();
+    let deferred = restored.deferred_failbacks().next().unwrap();
     assert_eq!(
         deferred.alert.as_ref().and_then(|a| a.host.as_deref()),
         Some("gpu-b")
@@ -325,4 +325,87 @@ fn the_last_suspend_that_asked_logind_is_remembered_with_the_hosts_awake_time() 
         Some(&stamp),
         "kept across a rotation"
     );
+}
+
+/// A pair per GPU node: each node's backend, and the failback a pause held back on each,
+/// are their own, and survive a checkpoint.
+#[test]
+fn each_gpu_nodes_pair_keeps_its_own_backend_and_deferred_failback() {
+    let on = |action, node: &str| Plan {
+        rule: "r".into(),
+        action,
+        target: Some(node.to_owned()),
+        dry_run: false,
+        cooldown: None,
+        origin: crate::vocab::Origin::Rule,
+    };
+    let alert = |node: &str, status| AlertRef {
+        name: "AistackGpuHostWorkload".into(),
+        fingerprint: format!("f-{node}"),
+        status,
+        starts_at: "2026-12-07T20:00:00Z".into(),
+        host: Some(node.to_owned()),
+    };
+    let mut ledger = Ledger::new(false);
+    for node in ["gpu-a", "gpu-b"] {
+        let key = RunKey(format!("failover|f-{node}|2026-12-07T20:00:00Z|firing"));
+        let run = on(ActionKind::Failover, node);
+        let about = alert(node, AlertStatus::Firing);
+        ledger.apply(JournalEntry::run(Event::Planned, &key, &run, Some(&about)));
+        assert!(ledger.backend_moving(node));
+        assert!(!ledger.backend_moving(""), "the one pair is not moving");
+        ledger.apply(JournalEntry::run(Event::Started, &key, &run, Some(&about)));
+        ledger.apply(JournalEntry::run(
+            Event::Succeeded,
+            &key,
+            &run,
+            Some(&about),
+        ));
+    }
+    assert_eq!(ledger.backend("gpu-a").0, Backend::Fallback);
+    assert_eq!(ledger.backend("gpu-b").0, Backend::Fallback);
+    assert_eq!(
+        ledger.backend("").0,
+        Backend::Primary,
+        "the one pair never moved"
+    );
+    // Paused: A's game ends (its failback is held back); B's fails back by hand.
+    ledger.apply(JournalEntry::new(Event::Paused));
+    let resolved = alert("gpu-a", AlertStatus::Resolved);
+    ledger.apply(
+        JournalEntry::run(
+            Event::Skipped,
+            &RunKey("failback|f-gpu-a|2026-12-07T20:00:00Z|resolved".into()),
+            &on(ActionKind::Failback, "gpu-a"),
+            Some(&resolved),
+        )
+        .because(&Skip::Paused),
+    );
+    let key = RunKey("manual:api:1".into());
+    let back = on(ActionKind::Failback, "gpu-b");
+    ledger.apply(JournalEntry::run(Event::Planned, &key, &back, None));
+    ledger.apply(JournalEntry::run(Event::Succeeded, &key, &back, None));
+    assert_eq!(ledger.backend("gpu-b").0, Backend::Primary);
+    assert_eq!(ledger.backend("gpu-a").0, Backend::Fallback);
+    let deferred: Vec<_> = ledger
+        .deferred_failbacks()
+        .map(|e| e.target.clone())
+        .collect();
+    assert_eq!(
+        deferred,
+        [Some("gpu-a".to_owned())],
+        "B's run decided B only"
+    );
+
+    let checkpoint: Vec<JournalEntry> = ledger
+        .checkpoint()
+        .iter()
+        .map(|e| serde_json::from_str(&serde_json::to_string(e).unwrap()).unwrap())
+        .collect();
+    let mut restored = Ledger::new(false);
+    for e in checkpoint {
+        restored.apply(e);
+    }
+    assert_eq!(state(&restored), state(&ledger));
+    assert_eq!(restored.backend("gpu-a"), ledger.backend("gpu-a"));
 }

@@ -165,11 +165,13 @@ impl Buttons {
                         alert.labels.get(label).cloned()
                     })
                     .or_else(|| {
-                        matches!(config.action, ActionKind::Wake | ActionKind::Suspend)
-                            .then(|| alert.host())
-                            .flatten()
+                        let about_host =
+                            matches!(config.action, ActionKind::Wake | ActionKind::Suspend)
+                                || config.action.moves_backend();
+                        about_host.then(|| alert.host()).flatten()
                     });
-                let allowed = !config.action.takes_target()
+                let takes_target = self.allowlists.takes_target(config.action);
+                let allowed = !takes_target
                     || target
                         .as_deref()
                         .is_some_and(|t| self.allowlists.allows(config.action, t));
@@ -177,7 +179,7 @@ impl Buttons {
                     return None;
                 }
                 // An action without a target signs the alert's node in its place.
-                let signed = if config.action.takes_target() {
+                let signed = if takes_target {
                     target.clone()
                 } else {
                     alert.host().filter(|h| crate::exporter::valid_node(h))
@@ -250,7 +252,7 @@ impl Buttons {
             return Err(ButtonError::Expired);
         }
         let slot = (!target.is_empty()).then(|| target.to_owned());
-        let (node, slot) = if action.takes_target() {
+        let (node, slot) = if self.allowlists.takes_target(action) {
             (None, slot)
         } else {
             (slot, None)
@@ -286,6 +288,7 @@ mod tests {
             wake: BTreeSet::from(["gpu-box".to_owned()]),
             repair: BTreeSet::from(["ollama".to_owned(), "open-webui".to_owned()]),
             host: "gpu-box".into(),
+            failover: BTreeSet::new(),
         };
         Buttons::with_key(
             "https://aistack.home.example/",
