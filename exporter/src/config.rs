@@ -99,11 +99,45 @@ pub struct ServiceConfig {
     /// Regex on the process name or command line, for attributing GPU processes; defaults
     /// by kind when no container is given (`vllm`, `ollama`, `local-?ai`).
     pub process: Option<String>,
+    /// Pods whose GPU processes belong to it (Kubernetes): a namespace and a label selector.
+    pub pods: Option<PodSelector>,
     /// `host` (default): this host's own service. `cluster`: a cluster Service every node's
     /// exporter probes through one URL; its series carry `scope="cluster"`, and the shipped
     /// alerts page for it once per cluster, when no node reaches it.
     #[serde(default)]
     pub scope: ServiceScope,
+}
+
+/// `services[].pods`: the pods of a service, as a Deployment's `matchLabels` selects them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSelector {
+    /// The pods' namespace.
+    pub namespace: String,
+    /// Labels a pod must have, with these values (`{}`: every pod of the namespace).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+impl PodSelector {
+    /// Whether the pod `namespace` with `labels` is one of these.
+    pub fn matches(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        namespace == self.namespace
+            && self
+                .selector
+                .iter()
+                .all(|(key, value)| labels.get(key) == Some(value))
+    }
+}
+
+/// A DNS label (RFC 1123), as namespace names are.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// `services[].scope`.
@@ -282,6 +316,20 @@ impl Validate for Config {
                 );
             }
             check_http_url(problems, at("url"), &service.url);
+            if let Some(pods) = &service.pods {
+                problems.check(
+                    is_dns_label(&pods.namespace),
+                    at("pods.namespace"),
+                    format!("{:?} is not a namespace name (lowercase letters, digits and '-', at most 63)", pods.namespace),
+                );
+                for key in pods.selector.keys() {
+                    problems.check(
+                        !key.is_empty() && key.len() <= 317,
+                        at("pods.selector"),
+                        format!("{key:?} is not a label key"),
+                    );
+                }
+            }
             if let Some(pattern) = &service.process {
                 check_regex(problems, at("process"), pattern, str::to_owned);
             }
@@ -342,6 +390,35 @@ mod tests {
         assert_eq!(config.gpu.roster_file(Some(&os("/var/lib/x"))), None);
         let err = parse::<Config>("gpu: {state_file: gpus.json}").unwrap_err();
         assert!(format!("{err:?}").contains("gpu.state_file"), "{err:?}");
+    }
+
+    #[test]
+    fn services_name_pods_by_namespace_and_selector() {
+        let config: Config = parse(
+            "services: [{name: llm, kind: vllm, url: 'http://llm.ml.svc:8000', pods: {namespace: ml, selector: {app: llm}}}]",
+        )
+        .unwrap();
+        let pods = config.services[0].pods.as_ref().unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert!(pods.matches("ml", &labels(&[("app", "llm"), ("x", "y")])));
+        assert!(!pods.matches("ml", &labels(&[("app", "llm2")])));
+        assert!(!pods.matches("dev", &labels(&[("app", "llm")])));
+        let err = parse::<Config>(
+            "services: [{name: llm, kind: vllm, url: 'http://x:8000', pods: {namespace: ML_Prod, selector: {'': x}}}]",
+        )
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("services[0].pods.namespace"), "{text}");
+        assert!(text.contains("services[0].pods.selector"), "{text}");
+        assert!(
+            parse::<Config>("services: [{name: llm, kind: vllm, url: 'http://x:8000', pods: {namespace: ml, labels: {}}}]").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]

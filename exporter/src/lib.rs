@@ -189,12 +189,17 @@ fn gpu(
     }
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("KUBECONFIG").is_some();
-    if config.discovery.kubernetes
+    // Pods are listed to discover inference images, and for services that name their pods.
+    let pods_named = config.services.iter().any(|s| s.pods.is_some());
+    if (config.discovery.kubernetes || pods_named)
         && in_cluster
         && let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty())
     {
         tracing::info!(collector = "gpu", %node, "naming GPU processes in pods from the node's pods");
-        gpu = gpu.with_pods(crate::collectors::gpu::pods::watch_node(node), true);
+        gpu = gpu.with_pods(
+            crate::collectors::gpu::pods::watch_node(node),
+            config.discovery.kubernetes,
+        );
     }
     Ok(match containers {
         Some(docker) => gpu.with_containers(docker.subscribe(), config.discovery.docker),

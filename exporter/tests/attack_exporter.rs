@@ -26,6 +26,7 @@ fn service(name: &str, kind: ServiceKind, url: String) -> ServiceConfig {
         url,
         container: None,
         process: None,
+        pods: None,
         scope: ServiceScope::Host,
     }
 }

@@ -755,6 +755,73 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
     }
 }
 
+/// A configured service names its pods by namespace and label selector: a home-built
+/// inference image discovery cannot know, discovery off. Its pod is the service; a pod with
+/// the same labels in another namespace holds the GPU as host workload.
+#[test]
+fn a_service_names_its_pods_by_namespace_and_label_selector() {
+    const LLM_ID: &str = "dd2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b";
+    const DEV_ID: &str = "ee2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b";
+    let api = aistack_tests::kubernetes::FakeKubernetes::start();
+    // Labels app=<container>, as the stand-in makes pods.
+    api.add_pod(
+        "ml",
+        "llm-5c8d7-qk2vz",
+        "gpu-b",
+        "llm-server",
+        "registry.home.lan/llm-server:3",
+        LLM_ID,
+    );
+    api.add_pod(
+        "dev",
+        "llm-server-0",
+        "gpu-b",
+        "llm-server",
+        "registry.home.lan/llm-server:3",
+        DEV_ID,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), dir.path());
+    for (pid, id, pod) in [(6101, LLM_ID, 1), (6102, DEV_ID, 2)] {
+        let proc = dir.path().join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("comm"), "python3\n").unwrap();
+        std::fs::write(proc.join("cmdline"), "python3\0/app/serve.py\0").unwrap();
+        std::fs::write(
+            proc.join("cgroup"),
+            format!("0::/kubepods/burstable/pod5b1c0f7e-3333-4000-8000-00000000000{pod}/{id}\n"),
+        )
+        .unwrap();
+    }
+    let mut scenario = recorded("rtx-4080-super.json");
+    scenario["devices"][0]["processes"] = serde_json::json!([
+        {"pid": 6101, "kind": "compute", "used_memory_bytes": 8_589_934_592_u64},
+        {"pid": 6102, "kind": "compute", "used_memory_bytes": 2_147_483_648_u64}
+    ]);
+    write_scenario(&dir.path().join("scenario.json"), &scenario);
+    let exporter = fake_gpu_exporter(
+        dir.path(),
+        "",
+        "discovery: {kubernetes: false, docker: false}\n\
+         services:\n  - {name: llm, kind: vllm, url: 'http://127.0.0.1:9', pods: {namespace: ml, selector: {app: llm-server}}}\n",
+        "127.0.0.1:0",
+        &[
+            ("KUBECONFIG", api.kubeconfig.as_os_str()),
+            ("NODE_NAME", "gpu-b".as_ref()),
+        ],
+    );
+    let llm = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6101",process="python3",kind="compute",container="llm-server",service="llm",namespace="ml",pod="llm-5c8d7-qk2vz"}"#;
+    let dev = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6102",process="python3",kind="compute",container="llm-server",service="",namespace="dev",pod="llm-server-0"}"#;
+    let body = wait_for_value(&exporter, llm, 8_589_934_592.0);
+    assert_eq!(value(&body, dev), Some(2_147_483_648.0), "{body}");
+    let api_view = gpu_api(&exporter);
+    assert_eq!(
+        api_view["gpus"][0]["host_workload_processes"],
+        serde_json::json!(["python3"]),
+        "only the dev pod: {api_view}"
+    );
+}
+
 /// With NVML gone as a whole, the GPUs seen before read down (an eGPU that was the only
 /// GPU), and XID counters stay.
 #[test]

@@ -41,7 +41,8 @@ pub struct DiscoveryConfig {
     pub docker: bool,
     /// On Kubernetes (`NODE_NAME` set, and the in-cluster account or `KUBECONFIG`): name the
     /// pods GPU processes run in from the node's pods, and count processes in pods of known
-    /// inference images as services (default true).
+    /// inference images as services (default true). Off, pods are still listed for services
+    /// that name theirs (`services[].pods`).
     pub kubernetes: bool,
 }
 
@@ -108,6 +109,7 @@ pub fn discover(docker: &DockerSample) -> Vec<ServiceConfig> {
                 url: format!("http://127.0.0.1:{public}"),
                 container: Some(c.name.clone()),
                 process: None,
+                pods: None,
                 scope: ServiceScope::Host,
             })
         })
@@ -979,6 +981,7 @@ mod tests {
             url: format!("{base}{path}"),
             container: None,
             process: None,
+            pods: None,
             scope: ServiceScope::Host,
         }
     }

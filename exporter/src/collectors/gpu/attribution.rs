@@ -2,13 +2,14 @@
 //! `/proc/<pid>/cgroup`), the configured inference service it belongs to, and whether it is
 //! host workload — a game or anything else that is not an inference service and holds memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use regex::{Regex, RegexSet};
 
 use super::{GpuProcess, ProcessReading};
-use crate::config::{HostWorkloadConfig, ServiceConfig, ServiceKind};
+use crate::config::{HostWorkloadConfig, PodSelector, ServiceConfig, ServiceKind};
 
 /// What /proc says about a process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub struct ProcessIdentity {
     pub cmdline: String,
     /// 64-hex container id from the cgroup path, if the process runs in a container.
     pub container_id: Option<String>,
+    /// The cgroup path is a Kubernetes pod's.
+    pub in_pod: bool,
 }
 
 /// The container id in a `/proc/<pid>/cgroup` file: Docker and Podman (cgroup v1 and v2),
@@ -62,14 +65,15 @@ pub fn read_identity(procfs: &Path, pid: u32) -> ProcessIdentity {
     let (argv0, cmdline) = std::fs::read(dir.join("cmdline"))
         .map(|raw| parse_cmdline(&raw))
         .unwrap_or_default();
-    let container_id = std::fs::read_to_string(dir.join("cgroup"))
-        .ok()
-        .and_then(|c| parse_container_id(&c).or_else(|| super::pods::parse_pod(&c)?.container_id));
+    let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+    let pod = super::pods::parse_pod(&cgroup);
+    let container_id = parse_container_id(&cgroup).or_else(|| pod.as_ref()?.container_id.clone());
     ProcessIdentity {
         comm,
         argv0,
         cmdline,
         container_id,
+        in_pod: pod.is_some(),
     }
 }
 
@@ -109,6 +113,8 @@ pub struct ContainerRef {
     pub namespace: String,
     /// See `namespace`.
     pub pod: String,
+    /// In a pod: the pod's labels.
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 /// How processes are attributed, compiled from the config.
@@ -124,6 +130,7 @@ pub struct Attribution {
 struct ServiceMatcher {
     name: String,
     container: Option<String>,
+    pods: Option<PodSelector>,
     process: Option<Regex>,
 }
 
@@ -148,14 +155,16 @@ impl Attribution {
         let services = services
             .iter()
             .map(|s| {
-                let pattern = match (&s.process, &s.container) {
-                    (Some(p), _) => Some(p.as_str()),
-                    (None, Some(_)) => None,
-                    (None, None) => default_process_pattern(s.kind),
+                let named = s.container.is_some() || s.pods.is_some();
+                let pattern = match &s.process {
+                    Some(p) => Some(p.as_str()),
+                    None if named => None,
+                    None => default_process_pattern(s.kind),
                 };
                 Ok(ServiceMatcher {
                     name: s.name.clone(),
                     container: s.container.clone(),
+                    pods: s.pods.clone(),
                     process: pattern.map(Regex::new).transpose()?,
                 })
             })
@@ -179,6 +188,7 @@ impl Attribution {
         let empty = ProcessIdentity::default();
         let id = identity.unwrap_or(&empty);
         let known = id.container_id.as_deref().and_then(containers);
+        let unnamed_pod = id.in_pod && known.is_none();
         let known_pod = known
             .as_ref()
             .map(|k| (k.namespace.clone(), k.pod.clone()))
@@ -205,11 +215,16 @@ impl Attribution {
                                 .as_deref()
                                 .is_some_and(|full| full.starts_with(c)))
                 });
+                let by_pod = s.pods.as_ref().is_some_and(|selector| {
+                    known.as_ref().is_some_and(|k| {
+                        !k.pod.is_empty() && selector.matches(&k.namespace, &k.labels)
+                    })
+                });
                 let by_process = s
                     .process
                     .as_ref()
                     .is_some_and(|re| names.iter().any(|n| !n.is_empty() && re.is_match(n)));
-                by_container || by_process
+                by_container || by_pod || by_process
             })
             .map(|s| s.name.clone())
             // Else a discovered service: a container of a known inference image.
@@ -229,7 +244,10 @@ impl Attribution {
             {
                 false
             } else {
-                self.count_unattributed
+                // A pod the node's pods do not name (not listed yet, or the API server cannot be
+                // asked) is a Kubernetes workload all the same, not a game: counting it would
+                // fail vLLM over because of vLLM itself.
+                self.count_unattributed && !unnamed_pod
             };
         let (namespace, pod) = known_pod;
         GpuProcess {
@@ -255,6 +273,7 @@ mod tests {
     const DOCKER_V1: &str = "12:pids:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n\
         11:memory:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n1:name=systemd:/docker/3f2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n";
     const K8S: &str = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5b1c.slice/cri-containerd-aa2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b.scope\n";
+    const K8S_POD: &str = "0::/kubepods/burstable/pod5b1c0f7e-3333-4000-8000-000000000007/aa2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n";
     const HOST: &str =
         "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n";
 
@@ -294,11 +313,13 @@ mod tests {
 
     fn identity(comm: &str, cmdline: &[u8], cgroup: &str) -> ProcessIdentity {
         let (argv0, cmdline) = parse_cmdline(cmdline);
+        let pod = super::super::pods::parse_pod(cgroup);
         ProcessIdentity {
             comm: Some(comm.into()),
             argv0,
             cmdline,
-            container_id: parse_container_id(cgroup),
+            container_id: parse_container_id(cgroup).or_else(|| pod.as_ref()?.container_id.clone()),
+            in_pod: pod.is_some(),
         }
     }
 
@@ -403,6 +424,87 @@ mod tests {
             attribution("- {name: vllm, kind: vllm, url: 'http://127.0.0.1:8000', container: llm}");
         let p = a.attribute(&process(10, Some(1 << 30)), Some(&id), &engine(true));
         assert_eq!(p.service, "vllm");
+    }
+
+    #[test]
+    fn services_name_their_pods_by_namespace_and_label_selector() {
+        // A custom-built inference image discovery does not know, and a process name no
+        // default pattern matches: only the selector can say it is vLLM.
+        let a = attribution(
+            "- {name: vllm, kind: vllm, url: 'http://vllm.ml.svc:8000', pods: {namespace: ml, selector: {app: vllm, tier: gpu}}}\n\
+             - {name: batch, kind: http, url: 'http://batch.jobs.svc/healthz', pods: {namespace: jobs}}\n",
+        );
+        let id = identity("python3", b"python3\0serve.py\0", K8S_POD);
+        let pod = |namespace: &str, labels: &[(&str, &str)]| {
+            let labels: BTreeMap<String, String> = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            let labels = Arc::new(labels);
+            let namespace = namespace.to_owned();
+            move |_: &str| {
+                Some(ContainerRef {
+                    name: "server".into(),
+                    namespace: namespace.clone(),
+                    pod: "llm-7d4b9c-x2k4p".into(),
+                    labels: labels.clone(),
+                    ..ContainerRef::default()
+                })
+            }
+        };
+        let run = |names: &dyn Fn(&str) -> Option<ContainerRef>| {
+            let p = a.attribute(&process(10, Some(1 << 30)), Some(&id), names);
+            (p.service, p.host_workload, p.namespace)
+        };
+        let vllm = pod(
+            "ml",
+            &[
+                ("app", "vllm"),
+                ("tier", "gpu"),
+                ("pod-template-hash", "7d4b9c"),
+            ],
+        );
+        assert_eq!(run(&vllm), ("vllm".into(), false, "ml".into()));
+        // A label short, or the same labels in another namespace: not vLLM, so host workload.
+        let short = pod("ml", &[("app", "vllm")]);
+        assert_eq!(run(&short), (String::new(), true, "ml".into()));
+        let elsewhere = pod("dev", &[("app", "vllm"), ("tier", "gpu")]);
+        assert_eq!(run(&elsewhere), (String::new(), true, "dev".into()));
+        // An empty selector: every pod of its namespace.
+        let job = pod("jobs", &[]);
+        assert_eq!(run(&job), ("batch".into(), false, "jobs".into()));
+        // Outside a pod a selector names nothing, and with `pods` no default process
+        // pattern stands in for it.
+        let host = identity("vllm", b"vllm\0serve\0", HOST);
+        let p = a.attribute(&process(11, Some(1 << 30)), Some(&host), &no_names);
+        assert_eq!((p.service.as_str(), p.host_workload), ("", true));
+    }
+
+    #[test]
+    fn a_pod_the_nodes_pods_do_not_name_is_no_host_workload() {
+        // count_unattributed on (as on Kubernetes), the node's pods not listed yet or the API
+        // server unreachable: vLLM's own process must not read as a game.
+        let services: Vec<ServiceConfig> = Vec::new();
+        let workload = HostWorkloadConfig {
+            count_unattributed: true,
+            ..HostWorkloadConfig::default()
+        };
+        let a = Attribution::new(&services, &workload).unwrap();
+        let server = identity("python3", b"python3\0/app/serve.py\0", K8S_POD);
+        assert!(server.in_pod);
+        let p = a.attribute(&process(10, Some(1 << 30)), Some(&server), &no_names);
+        assert!(!p.host_workload, "{p:?}");
+        // A game's name still counts, in a pod or not; a host process counts unattributed.
+        let game = identity("Cyberpunk2077.e", b"Z:\\Cyberpunk2077.exe\0", K8S_POD);
+        assert!(
+            a.attribute(&process(11, Some(1 << 30)), Some(&game), &no_names)
+                .host_workload
+        );
+        let host = identity("python3", b"python3\0/app/serve.py\0", HOST);
+        assert!(
+            a.attribute(&process(12, Some(1 << 30)), Some(&host), &no_names)
+                .host_workload
+        );
     }
 
     #[test]

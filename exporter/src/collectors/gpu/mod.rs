@@ -1026,6 +1026,7 @@ fn pod_ref(pods: &pods::PodIndex, id: &str, discovery: bool) -> Option<Container
         inference: discovery && known_image(&container.image).is_some(),
         namespace: container.namespace.clone(),
         pod: container.pod.clone(),
+        labels: container.labels.clone(),
     })
 }
 

@@ -12,7 +12,7 @@
 //!   dockershim), and containerd's `...pod<uid>.slice:cri-containerd:<id>` where it runs
 //!   without delegation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +92,8 @@ pub struct PodContainer {
     pub container: String,
     /// Its image, as the pod spec names it.
     pub image: String,
+    /// The pod's labels (what services' `pods.selector` matches).
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 /// The containers of the pods on this node, by container id.
@@ -111,6 +113,7 @@ impl PodIndex {
                 continue;
             };
             let namespace = meta.namespace.clone().unwrap_or_default();
+            let labels = Arc::new(meta.labels.clone().unwrap_or_default());
             let images: HashMap<&str, &str> = pod
                 .spec
                 .iter()
@@ -147,6 +150,7 @@ impl PodIndex {
                         pod: name.clone(),
                         container: status.name.clone(),
                         image,
+                        labels: labels.clone(),
                     },
                 );
             }
