@@ -17,6 +17,8 @@ use bollard::query_parameters::{
     RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 
+use crate::fence::Fence;
+
 /// What the actions need to know about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerView {
@@ -42,6 +44,11 @@ pub enum DockerError {
     /// No connection to the engine.
     #[error("docker engine unreachable: {0}")]
     Unreachable(String),
+    /// The lease's renew deadline passed (see [`crate::fence`]): another replica may lead.
+    #[error(
+        "not calling the Docker engine: the lease's renew deadline passed {0:.1?} ago, another replica may lead"
+    )]
+    Fenced(Duration),
     /// The engine refused or failed.
     #[error("{what} {container}: {why}")]
     Call {
@@ -82,6 +89,7 @@ fn unchanged(result: Result<(), bollard::errors::Error>) -> Result<(), bollard::
 #[derive(Debug, Clone)]
 pub struct DockerControl {
     socket: String,
+    fence: Fence,
 }
 
 /// Default seconds the engine waits on stop before it kills.
@@ -127,10 +135,20 @@ impl DockerControl {
     pub fn new(socket: &str) -> Self {
         Self {
             socket: socket.to_owned(),
+            fence: Fence::none(),
         }
     }
 
+    /// Calls only while `fence` is open (the leader of several replicas).
+    #[must_use]
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// A connection, for one call now: every call asks for it right before it is sent.
     async fn client(&self) -> Result<Docker, DockerError> {
+        self.fence.check().map_err(DockerError::Fenced)?;
         let endpoint = docker::endpoint(&self.socket);
         docker::connect(&endpoint, Duration::from_secs(120))
             .await

@@ -39,6 +39,8 @@ use kube::Api;
 use kube::api::PostParams;
 use serde::Deserialize;
 
+use crate::fence::Fence;
+
 /// `ha:`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -379,10 +381,15 @@ impl Elector {
     }
 }
 
-/// Renews every `retry` while this replica leads, from the winning round sent at `won`;
-/// returns why it no longer may: another replica holds the lease, or `renew_deadline` passed
-/// since the request of the last successful renewal was sent (every call is cut there).
-pub async fn hold(elector: std::sync::Arc<tokio::sync::Mutex<Elector>>, won: Instant) -> String {
+/// Renews every `retry` while this replica leads, from the winning round sent at `won`,
+/// moving `fence` to each new deadline; returns why it no longer may: another replica holds
+/// the lease, or `renew_deadline` passed since the request of the last successful renewal was
+/// sent (every call is cut there).
+pub async fn hold(
+    elector: std::sync::Arc<tokio::sync::Mutex<Elector>>,
+    won: Instant,
+    fence: Fence,
+) -> String {
     let (timing, name) = {
         let e = elector.lock().await;
         (e.timing, e.name.clone())
@@ -401,7 +408,10 @@ pub async fn hold(elector: std::sync::Arc<tokio::sync::Mutex<Elector>>, won: Ins
         let sent = Instant::now();
         let round = tokio::time::timeout_at(deadline, async { elector.lock().await.round().await });
         match round.await {
-            Ok(Ok(Standing::Leader)) => renewed = sent,
+            Ok(Ok(Standing::Leader)) => {
+                renewed = sent;
+                fence.extend(renewed + timing.renew_deadline);
+            }
             Ok(Ok(Standing::Follower(holder))) => {
                 return format!(
                     "lost the lease to {}",

@@ -29,10 +29,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{Alert, AlertStatus};
+use crate::fence::Fence;
 use crate::vocab::{
     ActionKind, AwakeStamp, Backend, Plan, Reason, RunKey, Skip, Timestamp, cut_bytes,
 };
@@ -436,6 +438,12 @@ pub enum JournalError {
         /// Its error number, when it gave one.
         errno: Option<i32>,
     },
+    /// This replica's lease may have passed to another (see [`crate::fence`]): it must not
+    /// write, nor act.
+    #[error(
+        "not writing the journal: the lease's renew deadline passed {0:.1?} ago, another replica may lead"
+    )]
+    Fenced(Duration),
 }
 
 /// The file-system steps the journal takes: where faults are injected in tests.
@@ -543,6 +551,8 @@ pub struct Journal {
     next_seq: u64,
     /// The last write failure, until a write succeeds.
     failure: Option<JournalError>,
+    /// Writes only while this is open.
+    fence: Fence,
 }
 
 const CURRENT: &str = "journal.jsonl";
@@ -590,6 +600,13 @@ impl Journal {
         Self::open_with(dir, limits, None, sink)
     }
 
+    /// Writes only while `fence` is open (leader election); every write checks it.
+    #[must_use]
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
     /// As [`Journal::open`], with faults injected at the steps `faults` chooses.
     pub fn open_with(
         dir: &Path,
@@ -607,6 +624,7 @@ impl Journal {
             checkpoint_len: 0,
             next_seq: 1,
             failure: None,
+            fence: Fence::none(),
         };
         journal.step(Op::Dir, dir, || std::fs::create_dir_all(dir))?;
         // A rotation that stopped half-way left its unfinished next file: what it held is in
@@ -807,6 +825,7 @@ impl Journal {
         if entries.is_empty() {
             return Ok(());
         }
+        self.fence.check().map_err(JournalError::Fenced)?;
         if self.file.is_none() {
             self.reopen()
                 .inspect_err(|e| self.failure = Some(e.clone()))?;

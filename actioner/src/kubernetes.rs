@@ -18,6 +18,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
+use crate::fence::Fence;
+
 /// The annotation `kubectl rollout restart` sets on the pod template.
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 
@@ -105,6 +107,7 @@ impl DeploymentView {
 #[derive(Clone, Default)]
 pub struct KubeControl {
     client: Arc<OnceCell<Client>>,
+    fence: Fence,
 }
 
 impl std::fmt::Debug for KubeControl {
@@ -134,6 +137,11 @@ pub enum KubeError {
         /// What the API server (or the connection) said.
         why: String,
     },
+    /// The lease's renew deadline passed (see [`crate::fence`]): another replica may lead.
+    #[error(
+        "not calling the Kubernetes API: the lease's renew deadline passed {0:.1?} ago, another replica may lead"
+    )]
+    Fenced(Duration),
     /// A wait ran out.
     #[error("{0}")]
     TimedOut(String),
@@ -162,7 +170,16 @@ impl KubeControl {
         Self::default()
     }
 
+    /// Calls only while `fence` is open (the leader of several replicas).
+    #[must_use]
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// The client, for one call now: every call asks for it right before it is sent.
     async fn client(&self) -> Result<Client, KubeError> {
+        self.fence.check().map_err(KubeError::Fenced)?;
         self.client
             .get_or_try_init(|| async {
                 aistack_common::install_tls_provider();

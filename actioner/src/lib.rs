@@ -17,6 +17,7 @@ pub mod config;
 pub mod docker;
 pub mod executor;
 pub mod exporter;
+pub mod fence;
 pub mod ha;
 pub mod http;
 pub mod journal;
@@ -49,6 +50,7 @@ use crate::actions::wake::Wake;
 use crate::actions::{Actions, SetupError};
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::fence::Fence;
 use crate::http::RelayGate;
 use crate::journal::{Journal, JournalLimits};
 use crate::ledger::{Ledger, Snapshot};
@@ -112,6 +114,12 @@ pub struct BuiltActions {
 
 /// The actions the config enables.
 pub fn build_actions(config: &Config) -> Result<BuiltActions, StartError> {
+    build_actions_fenced(config, &Fence::none())
+}
+
+/// As [`build_actions`], for the leader of several replicas: the Docker engine and the
+/// Kubernetes API are called only while `fence` is open.
+pub fn build_actions_fenced(config: &Config, fence: &Fence) -> Result<BuiltActions, StartError> {
     let setup = |action| move |source| StartError::Action { action, source };
     let mut actions: Actions = Actions::new();
     actions.insert(ActionKind::Wake, Arc::new(Wake::new(&config.actions.wake)));
@@ -120,8 +128,8 @@ pub fn build_actions(config: &Config) -> Result<BuiltActions, StartError> {
     let suspend = Suspend::new(&config.actions.suspend, &exporter, &this_host, None)
         .map_err(setup(ActionKind::Suspend))?;
     actions.insert(ActionKind::Suspend, Arc::new(suspend));
-    let docker = crate::docker::DockerControl::new(&config.docker.socket);
-    let kube = crate::kubernetes::KubeControl::new();
+    let docker = crate::docker::DockerControl::new(&config.docker.socket).fenced(fence.clone());
+    let kube = crate::kubernetes::KubeControl::new().fenced(fence.clone());
     for (kind, to_fallback) in [(ActionKind::Failover, true), (ActionKind::Failback, false)] {
         let action = Failover::new(
             to_fallback,
@@ -175,6 +183,17 @@ impl Actioner {
         Self::start_with(config, auth, built, config.limits.journal())
     }
 
+    /// As [`Actioner::start`], for the leader of several replicas: it writes the journal, and
+    /// so acts, only while `fence` is open, and stops once it finds it closed.
+    pub fn start_fenced(
+        config: &Config,
+        auth: Auth,
+        built: BuiltActions,
+        fence: Fence,
+    ) -> Result<Self, StartError> {
+        Self::open(config, auth, built, config.limits.journal(), fence)
+    }
+
     /// As [`Actioner::start`], with the journal's limits given.
     pub fn start_with(
         config: &Config,
@@ -182,9 +201,20 @@ impl Actioner {
         built: BuiltActions,
         limits: JournalLimits,
     ) -> Result<Self, StartError> {
+        Self::open(config, auth, built, limits, Fence::none())
+    }
+
+    fn open(
+        config: &Config,
+        auth: Auth,
+        built: BuiltActions,
+        limits: JournalLimits,
+        fence: Fence,
+    ) -> Result<Self, StartError> {
         let opened = Instant::now();
         let mut ledger = Ledger::new(config.actions.notify.buttons.is_some());
         let (journal, stats) = Journal::open(&config.state_dir, limits, |e| ledger.apply(e))?;
+        let journal = journal.fenced(fence);
         tracing::info!(
             state_dir = %config.state_dir.display(),
             files = stats.files,

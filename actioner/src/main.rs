@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use aistack_actioner::auth::Auth;
 use aistack_actioner::cli::{Cli, Command};
 use aistack_actioner::config::{Config, DEFAULT_CONFIG_PATH};
+use aistack_actioner::fence::Fence;
 use aistack_actioner::ha::{self, Elector, HaConfig};
-use aistack_actioner::{Actioner, build_actions, check_files};
+use aistack_actioner::{Actioner, build_actions, build_actions_fenced, check_files};
 use aistack_common::config::{self, ConfigError};
 use aistack_common::{logging, server};
 use anyhow::Context as _;
@@ -123,12 +124,14 @@ async fn run_ha(
     let holding = std::sync::OnceLock::<tokio::task::AbortHandle>::new();
     let leading = async {
         let won = elector.lock().await.wait_for_leadership().await;
+        // Nothing is written past the renew deadline, should this process freeze and miss it.
+        let fence = Fence::until(won + ha.timing().renew_deadline);
         // Renewing from now on, also while the journal is read back.
-        let hold = tokio::spawn(ha::hold(elector.clone(), won));
+        let hold = tokio::spawn(ha::hold(elector.clone(), won, fence.clone()));
         let _ = holding.set(hold.abort_handle());
         tracing::info!(lease = %ha.lease, "leading: reading the journal back");
-        let actions = build_actions(config)?;
-        let actioner = Actioner::start(config, auth, actions)?;
+        let actions = build_actions_fenced(config, &fence)?;
+        let actioner = Actioner::start_fenced(config, auth, actions, fence)?;
         if !hold.is_finished() {
             // The follower router goes; from now on requests reach the actioner.
             drop(router_tx.send_replace(actioner.router.clone()));

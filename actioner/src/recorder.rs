@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alert::WebhookPayload;
-use crate::journal::{Event, Journal, JournalEntry};
+use crate::journal::{Event, Journal, JournalEntry, JournalError};
 use crate::ledger::{Ledger, Snapshot};
 use crate::metrics::Metrics;
 use crate::planner::{
@@ -186,6 +186,12 @@ impl Task {
             }
         }
         let commit = self.journal.append(&mut batch.entries).map_err(|e| {
+            if let JournalError::Fenced(_) = e {
+                // Another replica may lead and write this journal: nothing of this one may go
+                // on, no unwinding, no waiting for running actions (as when the lease is lost).
+                tracing::error!(error = %e, "stopping at once, so that only the leader acts");
+                std::process::exit(1);
+            }
             tracing::error!(error = %e, "journal write failed; answering 500 and acting on nothing");
             self.metrics.journal_error("write");
             RecordError::Journal(e.to_string())

@@ -348,3 +348,82 @@ fn a_leader_that_cannot_renew_steps_down_before_the_lease_expires() {
     });
     assert!(holder(&cluster).unwrap().starts_with("actioner-b_"));
 }
+
+/// The leader frozen (SIGSTOP: a paused VM, a node stalled in swap) in the middle of a
+/// failover: the other replica takes over once the lease expires and journals the run as
+/// interrupted. Woken after that (SIGCONT), the old leader finds its renew deadline passed: it
+/// writes nothing more to the shared journal, calls the API server for nothing more — not the
+/// next step of its run, not the journal line that would end it — and stops.
+#[test]
+fn a_frozen_leader_woken_after_the_takeover_writes_and_does_nothing_more() {
+    // vLLM's pods stop 6 s after the scale-down: while the leader is frozen. Woken, its run's
+    // next look would find them gone and go on to start Ollama at once.
+    let cluster = cluster(Duration::from_secs(6));
+    let a = replica(&cluster, "actioner-a");
+    let b = replica(&cluster, "actioner-b");
+    let first = wait_for(Duration::from_secs(15), "a leader", || holder(&cluster));
+    let (mut leader, follower) = if first.starts_with("actioner-a_") {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    wait_for(Duration::from_secs(10), "the leader ready", || {
+        ready(&leader).then_some(())
+    });
+    assert_eq!(webhook(&leader), 200);
+    wait_for(Duration::from_secs(10), "vLLM told to stop", || {
+        (cluster.api.deployment("ml", "vllm")["spec"]["replicas"] == 0).then_some(())
+    });
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &leader.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    wait_for(Duration::from_secs(20), "the other replica to lead", || {
+        ready(&follower).then_some(())
+    });
+    let entries = journal(&follower);
+    assert_eq!(
+        events(&entries, "failover-when-gaming", "failed"),
+        1,
+        "journaled as interrupted: {entries:#?}"
+    );
+    let file = cluster.dir.path().join("state/journal.jsonl");
+    let before = std::fs::read(&file).unwrap();
+    let not_the_lease = |api: &FakeKubernetes| {
+        api.requests()
+            .into_iter()
+            .filter(|r| !r.path.contains("/leases"))
+            .count()
+    };
+    let calls = not_the_lease(&cluster.api);
+
+    signal("-CONT");
+    let status = wait_for(Duration::from_secs(10), "the old leader to stop", || {
+        leader.exited()
+    });
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the old leader wrote to the shared journal"
+    );
+    assert_eq!(
+        not_the_lease(&cluster.api),
+        calls,
+        "the old leader called the API server after it woke"
+    );
+    assert!(
+        leader.log().iter().any(|l| l.contains("stopping at once")),
+        "{:#?}",
+        leader.log()
+    );
+    assert!(ready(&follower), "the new leader leads on");
+    assert!(
+        cluster.api.deployment("ml", "ollama")["spec"]["replicas"] == 0,
+        "the old leader's run went no further"
+    );
+}

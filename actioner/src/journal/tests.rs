@@ -118,6 +118,28 @@ fn entries_survive_a_reopen_in_order_with_increasing_seq() {
     assert_eq!((stats.invalid, stats.out_of_order), (0, 0));
 }
 
+/// A leader past its renew deadline (frozen, say) writes nothing: not a line, not a byte.
+#[test]
+fn a_closed_fence_writes_nothing() {
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fence = crate::fence::Fence::until(Instant::now() + Duration::from_secs(60));
+    let (journal, _) = Journal::open(dir.path(), limits(1 << 20, 4), drop).unwrap();
+    let mut journal = journal.fenced(fence.clone());
+    journal.append(&mut [entry("a")]).unwrap();
+    let before = std::fs::read(dir.path().join("journal.jsonl")).unwrap();
+    let mut closed = journal.fenced(crate::fence::Fence::until(Instant::now()));
+    let refused = closed.append(&mut [entry("b")]).unwrap_err();
+    assert!(matches!(refused, JournalError::Fenced(_)), "{refused}");
+    assert_eq!(
+        std::fs::read(dir.path().join("journal.jsonl")).unwrap(),
+        before
+    );
+    let (entries, _) = read(dir.path());
+    assert_eq!(keys(&entries), ["a"]);
+}
+
 #[test]
 fn typed_fields_round_trip_and_stay_off_the_line_when_unset() {
     let skip = Skip::Exhausted {
