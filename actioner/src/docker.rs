@@ -146,7 +146,9 @@ impl DockerControl {
         self
     }
 
-    /// A connection, for one call now: every call asks for it right before it is sent.
+    /// A connection, for one call now: every call asks for it right before it is sent, but a
+    /// recreate, whose steps once begun go through or roll back rather than leave the
+    /// container renamed aside.
     async fn client(&self) -> Result<Docker, DockerError> {
         self.fence.check().map_err(DockerError::Fenced)?;
         let endpoint = docker::endpoint(&self.socket);

@@ -406,11 +406,12 @@ pub async fn hold(
             );
         }
         let sent = Instant::now();
+        let sent_boot = crate::fence::now();
         let round = tokio::time::timeout_at(deadline, async { elector.lock().await.round().await });
         match round.await {
             Ok(Ok(Standing::Leader)) => {
                 renewed = sent;
-                fence.extend(renewed + timing.renew_deadline);
+                fence.extend(sent_boot + timing.renew_deadline);
             }
             Ok(Ok(Standing::Follower(holder))) => {
                 return format!(

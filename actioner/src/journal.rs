@@ -881,6 +881,10 @@ impl Journal {
     /// Archives the current file and begins a new one with `checkpoint` (the ledger now), then
     /// drops archives past `keep`. On an error the current file stays as it was.
     pub fn rotate(&mut self, checkpoint: &mut [JournalEntry]) -> Result<(), JournalError> {
+        // Checked before each step that changes the files: a leader frozen while it builds
+        // or syncs the checkpoint must not put its stale state over a new leader's file.
+        let fenced = |journal: &Self| journal.fence.check().map_err(JournalError::Fenced);
+        fenced(self)?;
         let current = self.dir.join(CURRENT);
         let next = self.dir.join(NEXT);
         let archive = self.dir.join(archive_name(self.first_seq));
@@ -907,11 +911,13 @@ impl Journal {
             }
         };
         // The current file keeps its name until the new one replaces it in one rename.
-        if let Err(err) = self.archive_current(&current, &archive) {
+        if let Err(err) = fenced(self).and_then(|()| self.archive_current(&current, &archive)) {
             self.remove_quietly(&next);
             return Err(err);
         }
-        if let Err(err) = self.step(Op::Rename, &next, || std::fs::rename(&next, &current)) {
+        let renamed = fenced(self)
+            .and_then(|()| self.step(Op::Rename, &next, || std::fs::rename(&next, &current)));
+        if let Err(err) = renamed {
             if same_file(&archive, &current) {
                 self.remove_quietly(&archive);
             }

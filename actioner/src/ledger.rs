@@ -298,9 +298,15 @@ impl Ledger {
         // A rule's backend decision missed while paused: the latest one counts (a failover
         // skipped after it means the GPU is busy again).
         if reason == Some(Reason::Paused) && entry.alert.is_some() {
+            // A dry-run failback does not replace a real one; a failover, dry run or not, says
+            // the GPU is busy again.
             let pair = pair_of(entry).to_owned();
+            let real_held = self
+                .deferred_failbacks
+                .get(&pair)
+                .is_some_and(|e| !e.dry_run);
             match entry.action {
-                Some(ActionKind::Failback) => {
+                Some(ActionKind::Failback) if !(entry.dry_run && real_held) => {
                     self.deferred_failbacks.insert(pair, entry.clone());
                 }
                 Some(ActionKind::Failover) => {
@@ -556,6 +562,14 @@ impl Ledger {
     /// Automatic actions paused.
     pub fn paused(&self) -> bool {
         self.paused
+    }
+
+    /// The pairs on their fallback ("" for the one pair, else a GPU node's).
+    pub fn on_fallback(&self) -> impl Iterator<Item = &str> {
+        self.backends
+            .iter()
+            .filter(|(_, (backend, _))| *backend == Backend::Fallback)
+            .map(|(pair, _)| pair.as_str())
     }
 
     /// The backend serving `pair` ("" for the one pair, else a GPU node's), and since when.

@@ -224,6 +224,25 @@ impl Actioner {
             took_ms = opened.elapsed().as_millis(),
             "journal read back"
         );
+        let allowlists = config.allowlists();
+        for pair in ledger.on_fallback() {
+            let configured = if allowlists.per_node_pairs() {
+                allowlists.failover.contains(pair)
+            } else {
+                pair.is_empty()
+            };
+            if !configured {
+                let pair = if pair.is_empty() {
+                    "the cluster's (actions.failover.kubernetes or docker)"
+                } else {
+                    pair
+                };
+                tracing::warn!(
+                    pair,
+                    "the journal says this vLLM/Ollama pair is on its fallback, but the config has no such pair now: nothing fails it back; move it back by hand"
+                );
+            }
+        }
         let rules = RuleSet::new(config)?;
         let repair = &config.actions.repair;
         let budget = RepairBudget {

@@ -125,7 +125,8 @@ async fn run_ha(
     let leading = async {
         let won = elector.lock().await.wait_for_leadership().await;
         // Nothing is written past the renew deadline, should this process freeze and miss it.
-        let fence = Fence::until(won + ha.timing().renew_deadline);
+        let won_boot = aistack_actioner::fence::now().saturating_sub(won.elapsed());
+        let fence = Fence::until(won_boot + ha.timing().renew_deadline);
         // Renewing from now on, also while the journal is read back.
         let hold = tokio::spawn(ha::hold(elector.clone(), won, fence.clone()));
         let _ = holding.set(hold.abort_handle());

@@ -276,6 +276,25 @@ impl Planner {
             return;
         };
         let pair = skipped.target.clone().unwrap_or_default();
+        // Held back under another config (one pair for the cluster then, a pair per node now,
+        // or the other way round, or a node since removed): there is no such pair to move.
+        let allowlists = self.policy.rules().allowlists();
+        let configured = if allowlists.per_node_pairs() {
+            allowlists.failover.contains(&pair)
+        } else {
+            pair.is_empty()
+        };
+        if !configured {
+            let skip = if pair.is_empty() {
+                Skip::NoTarget(ActionKind::Failback)
+            } else {
+                Skip::NotAllowlisted(ActionKind::Failback, pair)
+            };
+            batch
+                .entries
+                .push(skipped.next(Event::Skipped).because(&skip));
+            return;
+        }
         // On the fallback, or about to be (a failover still running): the failback then
         // waits in the pair's lane and decides against the state the failover left. A
         // paused skip is never a repeat of a run that went (the once-only check comes first),

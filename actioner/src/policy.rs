@@ -361,16 +361,26 @@ impl Policy {
             })
             .collect();
         // Where each node has its own pair, the cluster counts as on the fallback while any
-        // node is, since the first of them moved.
+        // node is, since the first of them moved; else on the primary since the last came back.
         let (backend, backend_since) = if node_backends.is_empty() {
             ledger.backend("")
         } else {
-            node_backends
-                .iter()
-                .filter(|(_, backend, _)| *backend == Backend::Fallback)
-                .map(|(_, backend, since)| (*backend, *since))
-                .min_by_key(|(_, since)| *since)
-                .unwrap_or_default()
+            let since = |wanted: Backend| {
+                node_backends
+                    .iter()
+                    .filter(move |(_, backend, _)| *backend == wanted)
+                    .filter_map(|(_, _, since)| *since)
+            };
+            match since(Backend::Fallback).min() {
+                Some(first) => (Backend::Fallback, Some(first)),
+                None if node_backends
+                    .iter()
+                    .any(|(_, b, _)| *b == Backend::Fallback) =>
+                {
+                    (Backend::Fallback, None)
+                }
+                None => (Backend::Primary, since(Backend::Primary).max()),
+            }
         };
         Snapshot {
             paused: ledger.paused(),

@@ -186,12 +186,7 @@ impl Task {
             }
         }
         let commit = self.journal.append(&mut batch.entries).map_err(|e| {
-            if let JournalError::Fenced(_) = e {
-                // Another replica may lead and write this journal: nothing of this one may go
-                // on, no unwinding, no waiting for running actions (as when the lease is lost).
-                tracing::error!(error = %e, "stopping at once, so that only the leader acts");
-                std::process::exit(1);
-            }
+            stop_if_fenced(&e);
             tracing::error!(error = %e, "journal write failed; answering 500 and acting on nothing");
             self.metrics.journal_error("write");
             RecordError::Journal(e.to_string())
@@ -224,6 +219,7 @@ impl Task {
         match self.journal.rotate(&mut checkpoint) {
             Ok(()) => tracing::info!(parts = checkpoint.len(), "journal rotated"),
             Err(err) => {
+                stop_if_fenced(&err);
                 self.metrics.journal_error("rotate");
                 tracing::warn!(%err, "journal rotation failed; the current file grows on and rotation is tried again at the next write");
             }
@@ -273,9 +269,10 @@ impl Recorder {
                 count = interrupted.len(),
                 "actions were interrupted by the last stop; journaled as failed, not retried"
             );
-            journal
-                .append(&mut interrupted)
-                .map_err(|e| RecordError::Journal(e.to_string()))?;
+            journal.append(&mut interrupted).map_err(|e| {
+                stop_if_fenced(&e);
+                RecordError::Journal(e.to_string())
+            })?;
             for entry in interrupted {
                 ledger.apply(entry);
             }
@@ -400,6 +397,15 @@ impl Recorder {
             Some(failure) => Err(format!("the journal cannot be written: {failure}")),
             None => Ok(()),
         }
+    }
+}
+
+/// Past the fence another replica may lead and write this journal: nothing of this one may go
+/// on — no unwinding, no waiting for running actions — as when the lease is lost.
+fn stop_if_fenced(err: &JournalError) {
+    if let JournalError::Fenced(_) = err {
+        tracing::error!(error = %err, "stopping at once, so that only the leader acts");
+        std::process::exit(1);
     }
 }
 

@@ -295,9 +295,16 @@ rules:
   - {name: failover, match: {alertname: AistackGpuHostWorkload}, action: failover}
 actions:
   failover:
+    platform: kubernetes
     nodes:
-      gpu-a: {docker: {primary: vllm, fallback: ollama}}
-      gpu-b: {docker: {primary: vllm, fallback: ollama}}
+      gpu-a:
+        kubernetes: {namespace: ml, primary: vllm-a, fallback: ollama-a, service: inference-a}
+        primary_health_url: "http://vllm-a.ml.svc:8000/health"
+        fallback_health_url: "http://ollama-a.ml.svc:11434/api/tags"
+      gpu-b:
+        kubernetes: {namespace: ml, primary: vllm-b, fallback: ollama-b, service: inference-b}
+        primary_health_url: "http://vllm-b.ml.svc:8000/health"
+        fallback_health_url: "http://ollama-b.ml.svc:11434/api/tags"
 "#,
         );
         let on = |instance: &str| {

@@ -779,6 +779,79 @@ async fn a_failback_missed_while_paused_runs_at_the_resume_unless_the_gpu_got_bu
     assert_eq!(deferred(&setup.journal()), 1);
 }
 
+/// A failback held back while paused under one pair for the cluster, and the config since
+/// changed to a pair per GPU node: at the resume there is no such pair to move. It is
+/// journaled as skipped (no target), never run against some node's pair, and the state
+/// shows the nodes' pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_held_back_for_a_pair_no_longer_configured_is_skipped_at_the_resume() {
+    let setup = Setup::new();
+    failed_over_before(&setup.dir.path().join("state"));
+    let config = setup.config_with(GAMING_RULES, DOCKER_FAILOVER);
+    let actioner = support::start(&config);
+    let router = &actioner.router;
+    api(router, "POST", "/api/v1/pause", String::new()).await;
+    let resolved = webhook(&alert(
+        "Gaming",
+        "00000000000000f4",
+        "2026-11-22T21:00:00Z",
+        "resolved",
+    ));
+    assert_eq!(post_alerts(router, resolved).await.0, StatusCode::OK);
+    settled(&setup, "failback|00000000000000f4", Event::Skipped).await;
+    drop(actioner);
+
+    let nodes: Config = aistack_common::config::parse(&format!(
+        r#"
+host: gpu-box
+state_dir: {state}
+exporter_url: "http://{{node}}:9470"
+auth: {{bearer_token_file: /dev/null}}
+rules:
+{GAMING_RULES}
+actions:
+  failover:
+    platform: kubernetes
+    nodes:
+      gpu-a:
+        kubernetes: {{namespace: ml, primary: vllm-a, fallback: ollama-a, service: inference-a}}
+        primary_health_url: "http://127.0.0.1:9/a"
+        fallback_health_url: "http://127.0.0.1:9/oa"
+"#,
+        state = setup.dir.path().join("state").display(),
+    ))
+    .unwrap_or_else(|p| panic!("{p:?}"));
+    let actioner = support::start(&nodes);
+    let router = &actioner.router;
+    api(router, "POST", "/api/v1/resume", String::new()).await;
+    let journal = settled(&setup, "failback|00000000000000f4", Event::Skipped).await;
+    let last = journal
+        .iter()
+        .rev()
+        .find(|e| {
+            e.key
+                .as_deref()
+                .is_some_and(|k| k.contains("failback|00000000000000f4"))
+        })
+        .unwrap();
+    assert_eq!(
+        (last.event, last.reason),
+        (Event::Skipped, Some(Reason::NoTarget)),
+        "{journal:#?}"
+    );
+    assert!(
+        !journal
+            .iter()
+            .any(|e| e.event == Event::Started && e.action == Some(ActionKind::Failback)),
+        "{journal:#?}"
+    );
+    let (_, state) = api(router, "GET", "/api/v1/state", String::new()).await;
+    assert_eq!(
+        state["nodes"]["gpu-a"]["inference_backend"], "primary",
+        "{state}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_and_failback_never_overlap_whoever_asks() {
     let setup = Setup::new();

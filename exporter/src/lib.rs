@@ -178,7 +178,20 @@ fn gpu(
     containers: Option<&Publisher<DockerSample>>,
 ) -> Result<GpuCollector, StartError> {
     let source = NvmlSource::new(config.gpu.nvml_library.clone());
-    let attribution = Attribution::new(&config.services, &config.host_workload)?;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some();
+    // Pods are listed to discover inference images, and for services that name their pods.
+    let pods_named = config.services.iter().any(|s| s.pods.is_some());
+    let node = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty());
+    let pods_node = node.filter(|_| (config.discovery.kubernetes || pods_named) && in_cluster);
+    if pods_named && pods_node.is_none() {
+        tracing::warn!(
+            collector = "gpu",
+            "services name pods (services[].pods), but the node's pods cannot be listed here (NODE_NAME and the in-cluster account or KUBECONFIG are needed): those services claim no GPU process"
+        );
+    }
+    let attribution = Attribution::new(&config.services, &config.host_workload)?
+        .listing_pods(pods_node.is_some());
     let mut gpu = GpuCollector::new(Box::new(source), roots.procfs.clone(), attribution);
     if let Some(file) = config
         .gpu
@@ -187,14 +200,7 @@ fn gpu(
         tracing::info!(collector = "gpu", path = %file.display(), "GPUs seen are remembered across restarts");
         gpu = gpu.with_roster_file(file, &config.gpu.forget);
     }
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
-        || std::env::var_os("KUBECONFIG").is_some();
-    // Pods are listed to discover inference images, and for services that name their pods.
-    let pods_named = config.services.iter().any(|s| s.pods.is_some());
-    if (config.discovery.kubernetes || pods_named)
-        && in_cluster
-        && let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty())
-    {
+    if let Some(node) = pods_node {
         tracing::info!(collector = "gpu", %node, "naming GPU processes in pods from the node's pods");
         gpu = gpu.with_pods(
             crate::collectors::gpu::pods::watch_node(node),

@@ -748,7 +748,8 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
         assert_eq!(request.method, "GET");
         assert!(
             request.path.starts_with("/api/v1/pods?")
-                && request.path.contains("fieldSelector=spec.nodeName%3Dgpu-b"),
+                && request.path.contains("fieldSelector=spec.nodeName%3Dgpu-b")
+                && request.path.contains("resourceVersion=0"),
             "{}",
             request.path
         );

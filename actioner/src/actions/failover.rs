@@ -245,6 +245,39 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// What it moves and asks, each with its key: the two Deployments (or containers), the
+    /// Service, the two health URLs.
+    fn claims(&self) -> Vec<(&'static str, String)> {
+        let mut claims = vec![
+            ("primary_health_url", self.primary_health_url.clone()),
+            ("fallback_health_url", self.fallback_health_url.clone()),
+        ];
+        match &self.platform {
+            Platform::Kubernetes(k) => claims.extend([
+                (
+                    "kubernetes.primary",
+                    format!("Deployment {}/{}", k.namespace, k.primary),
+                ),
+                (
+                    "kubernetes.fallback",
+                    format!("Deployment {}/{}", k.namespace, k.fallback),
+                ),
+                (
+                    "kubernetes.service",
+                    format!("Service {}/{}", k.namespace, k.service),
+                ),
+            ]),
+            Platform::Docker(d) => claims.extend([
+                ("docker.primary", format!("container {}", d.primary)),
+                ("docker.fallback", format!("container {}", d.fallback)),
+            ]),
+            Platform::Unconfigured(_) => {}
+        }
+        claims
+    }
+}
+
 impl FailoverConfig {
     /// Problems with the URLs and the services of every pair (paths under
     /// `actions.failover`).
@@ -260,8 +293,27 @@ impl FailoverConfig {
                 "set one pair (docker/kubernetes) for the cluster or `nodes`, a pair per GPU node, not both",
             );
         }
+        // What each pair moves and asks: no two pairs may share one, or a run on one node
+        // would move (or take the health of) another node's.
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
         for (node, pair) in &self.nodes {
             let at = format!("{AT}.nodes.{node}");
+            if let Platform::Docker(_) = pair.platform {
+                problems.push(
+                    &at,
+                    "a pair per node needs platform: kubernetes (the actioner drives one Docker engine, its own host's)",
+                );
+            }
+            for (what, used) in pair.claims() {
+                if let Some(other) = owners.insert(used.clone(), node) {
+                    problems.push(
+                        format!("{at}.{what}"),
+                        format!(
+                            "{used} is also nodes.{other}'s: each node needs a pair of its own"
+                        ),
+                    );
+                }
+            }
             problems.check(
                 crate::exporter::valid_node(node),
                 &at,

@@ -330,7 +330,7 @@ rules:
 actions:
   failover:
     platform: kubernetes
-    fallback_health_url: "http://ollama.ml.svc:11434/api/tags"
+    fallback_health_url: "http://ollama-a.ml.svc:11434/api/tags"
     nodes:
       gpu-a:
         kubernetes: {namespace: ml, primary: vllm-a, fallback: ollama-a, service: inference-a}
@@ -338,6 +338,7 @@ actions:
       gpu-b:
         kubernetes: {namespace: ml, primary: vllm-b, fallback: ollama-b, service: inference-b}
         primary_health_url: "http://vllm-b.ml.svc:8000/health"
+        fallback_health_url: "http://ollama-b.ml.svc:11434/api/tags"
 "#;
 
 #[test]
@@ -350,7 +351,7 @@ fn a_pair_per_gpu_node_is_checked() {
         "http://vllm-b.ml.svc:8000/health"
     );
     assert_eq!(
-        nodes["gpu-b"].fallback_health_url, "http://ollama.ml.svc:11434/api/tags",
+        nodes["gpu-a"].fallback_health_url, "http://ollama-a.ml.svc:11434/api/tags",
         "inherited from actions.failover"
     );
     let allowlists = config.allowlists();
@@ -406,6 +407,44 @@ fn a_pair_per_gpu_node_is_checked() {
             "{want}: {problems:?}"
         );
     }
+    // Two nodes sharing a Deployment, or the health URLs they inherit, or a Docker pair (one
+    // engine: the actioner's own host's).
+    let problems = problems_in(
+        &PAIRS
+            .replace("primary: vllm-b,", "primary: vllm-a,")
+            .replace(
+                "        primary_health_url: \"http://vllm-b.ml.svc:8000/health\"\n",
+                "",
+            )
+            .replace(
+                "        primary_health_url: \"http://vllm-a.ml.svc:8000/health\"\n",
+                "",
+            )
+            .replace(
+                "        fallback_health_url: \"http://ollama-b.ml.svc:11434/api/tags\"\n",
+                "",
+            ),
+    );
+    for want in [
+        "actions.failover.nodes.gpu-b.kubernetes.primary: Deployment ml/vllm-a is also nodes.gpu-a's",
+        "actions.failover.nodes.gpu-b.fallback_health_url: http://ollama-a.ml.svc:11434/api/tags is also nodes.gpu-a's",
+        "actions.failover.nodes.gpu-b.primary_health_url: http://127.0.0.1:8000/health is also nodes.gpu-a's",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(want)),
+            "{want}: {problems:?}"
+        );
+    }
+    let problems = problems_in(&PAIRS.replace("platform: kubernetes", "platform: docker").replace(
+        "        kubernetes: {namespace: ml, primary: vllm-a, fallback: ollama-a, service: inference-a}\n",
+        "        docker: {primary: vllm-a, fallback: ollama-a}\n",
+    ));
+    assert!(
+        problems.iter().any(|p| p.starts_with(
+            "actions.failover.nodes.gpu-a: a pair per node needs platform: kubernetes"
+        )),
+        "{problems:?}"
+    );
     // A rule may pin a pair; only a configured node.
     let problems = problems_in(&PAIRS.replace(
         "on: resolved, action: failback}",

@@ -118,24 +118,32 @@ fn entries_survive_a_reopen_in_order_with_increasing_seq() {
     assert_eq!((stats.invalid, stats.out_of_order), (0, 0));
 }
 
-/// A leader past its renew deadline (frozen, say) writes nothing: not a line, not a byte.
+/// A leader past its renew deadline (frozen, say) writes nothing: not a line, not a byte, and
+/// no rotation puts its checkpoint over the file.
 #[test]
 fn a_closed_fence_writes_nothing() {
-    use std::time::{Duration, Instant};
+    use crate::fence::{Fence, now};
+    use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
-    let fence = crate::fence::Fence::until(Instant::now() + Duration::from_secs(60));
-    let (journal, _) = Journal::open(dir.path(), limits(1 << 20, 4), drop).unwrap();
-    let mut journal = journal.fenced(fence.clone());
+    let (journal, _) = Journal::open(dir.path(), limits(600, 2), drop).unwrap();
+    let mut journal = journal.fenced(Fence::until(now() + Duration::from_secs(60)));
     journal.append(&mut [entry("a")]).unwrap();
     let before = std::fs::read(dir.path().join("journal.jsonl")).unwrap();
-    let mut closed = journal.fenced(crate::fence::Fence::until(Instant::now()));
+    let mut closed = journal.fenced(Fence::until(now()));
     let refused = closed.append(&mut [entry("b")]).unwrap_err();
+    assert!(matches!(refused, JournalError::Fenced(_)), "{refused}");
+    let refused = closed.rotate(&mut checkpoint()).unwrap_err();
     assert!(matches!(refused, JournalError::Fenced(_)), "{refused}");
     assert_eq!(
         std::fs::read(dir.path().join("journal.jsonl")).unwrap(),
         before
     );
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), 1, "no archive, no next file: {files:?}");
     let (entries, _) = read(dir.path());
     assert_eq!(keys(&entries), ["a"]);
 }

@@ -381,6 +381,25 @@ fn each_gpu_nodes_pair_keeps_its_own_backend_and_deferred_failback() {
         )
         .because(&Skip::Paused),
     );
+    // A dry-run rule on the same resolution does not replace the real one.
+    let dry = Plan {
+        dry_run: true,
+        ..on(ActionKind::Failback, "gpu-a")
+    };
+    ledger.apply(
+        JournalEntry::run(
+            Event::Skipped,
+            &RunKey("dry-failback|f-gpu-a|2026-12-07T20:00:00Z|resolved".into()),
+            &dry,
+            Some(&resolved),
+        )
+        .because(&Skip::Paused),
+    );
+    assert!(
+        ledger.deferred_failbacks().all(|e| !e.dry_run),
+        "{:?}",
+        ledger.deferred_failbacks().collect::<Vec<_>>()
+    );
     let key = RunKey("manual:api:1".into());
     let back = on(ActionKind::Failback, "gpu-b");
     ledger.apply(JournalEntry::run(Event::Planned, &key, &back, None));

@@ -124,6 +124,8 @@ pub struct Attribution {
     workload: RegexSet,
     ignore: RegexSet,
     count_unattributed: bool,
+    /// The node's pods are listed: a process in a pod they do not name is not counted.
+    listing_pods: bool,
 }
 
 #[derive(Debug)]
@@ -174,7 +176,17 @@ impl Attribution {
             workload: RegexSet::new(&workload.process_patterns)?,
             ignore: RegexSet::new(&workload.ignore_patterns)?,
             count_unattributed: workload.count_unattributed,
+            listing_pods: false,
         })
+    }
+
+    /// The node's pods are listed (Kubernetes): a GPU process in a pod they do not name (not
+    /// listed yet, or the API server cannot be asked) is then not counted as host workload
+    /// by `count_unattributed`. Without a list, pods count as other processes do.
+    #[must_use]
+    pub fn listing_pods(mut self, listing: bool) -> Self {
+        self.listing_pods = listing;
+        self
     }
 
     /// Attributes one NVML process entry; `containers` looks a full container id up in the
@@ -188,7 +200,7 @@ impl Attribution {
         let empty = ProcessIdentity::default();
         let id = identity.unwrap_or(&empty);
         let known = id.container_id.as_deref().and_then(containers);
-        let unnamed_pod = id.in_pod && known.is_none();
+        let unnamed_pod = self.listing_pods && id.in_pod && known.is_none();
         let known_pod = known
             .as_ref()
             .map(|k| (k.namespace.clone(), k.pod.clone()))
@@ -489,11 +501,18 @@ mod tests {
             count_unattributed: true,
             ..HostWorkloadConfig::default()
         };
-        let a = Attribution::new(&services, &workload).unwrap();
+        let unlisted = Attribution::new(&services, &workload).unwrap();
+        let a = Attribution::new(&services, &workload)
+            .unwrap()
+            .listing_pods(true);
         let server = identity("python3", b"python3\0/app/serve.py\0", K8S_POD);
         assert!(server.in_pod);
         let p = a.attribute(&process(10, Some(1 << 30)), Some(&server), &no_names);
         assert!(!p.host_workload, "{p:?}");
+        // Where the node's pods are not listed at all (no NODE_NAME, an exporter outside the
+        // cluster), a pod is a process like any other.
+        let p = unlisted.attribute(&process(10, Some(1 << 30)), Some(&server), &no_names);
+        assert!(p.host_workload, "{p:?}");
         // A game's name still counts, in a pod or not; a host process counts unattributed.
         let game = identity("Cyberpunk2077.e", b"Z:\\Cyberpunk2077.exe\0", K8S_POD);
         assert!(

@@ -993,11 +993,11 @@ fn read_and_attribute(
         attribution,
         &mut inner.identities,
         procfs,
+        // The pod first: under dockershim or cri-dockerd the engine knows a pod's container
+        // too, but only the pod says its namespace and labels.
         &|id| {
-            container_ref(containers, id, discovery).or_else(|| {
-                let (pods, discovery) = pods?;
-                pod_ref(pods, id, discovery)
-            })
+            pods.and_then(|(pods, discovery)| pod_ref(pods, id, discovery))
+                .or_else(|| container_ref(containers, id, discovery))
         },
     ))
 }

@@ -189,7 +189,11 @@ pub fn watch_node(node: String) -> Pods {
             }
         };
         let api: Api<Pod> = Api::all(client);
-        let params = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        // From the API server's cache (resourceVersion=0), as the kubelet lists: every node
+        // asks every 15 s, and a list a moment old names the same pods.
+        let params = ListParams::default()
+            .fields(&format!("spec.nodeName={node}"))
+            .match_any();
         let mut last_error = None::<String>;
         loop {
             match tokio::time::timeout(REFRESH, api.list(&params)).await {
