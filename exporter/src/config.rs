@@ -101,6 +101,10 @@ pub struct ServiceConfig {
     pub process: Option<String>,
     /// Pods whose GPU processes belong to it (Kubernetes): a namespace and a label selector.
     pub pods: Option<PodSelector>,
+    /// The GPU node whose own vLLM/Ollama pair this is (the actioner's
+    /// `actions.failover.nodes`): its series say `node="..."`, and the shipped alerts page
+    /// about that node and hold back while that node's pair is on its fallback.
+    pub node: Option<String>,
     /// `host` (default): this host's own service. `cluster`: a cluster Service every node's
     /// exporter probes through one URL; its series carry `scope="cluster"`, and the shipped
     /// alerts page for it once per cluster, when no node reaches it.
@@ -128,6 +132,14 @@ impl PodSelector {
                 .iter()
                 .all(|(key, value)| labels.get(key) == Some(value))
     }
+}
+
+/// A node's name as alerts carry it: a host name or an IP address.
+fn is_node_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_'))
 }
 
 /// A DNS label (RFC 1123), as namespace names are.
@@ -316,6 +328,13 @@ impl Validate for Config {
                 );
             }
             check_http_url(problems, at("url"), &service.url);
+            if let Some(node) = &service.node {
+                problems.check(
+                    is_node_name(node),
+                    at("node"),
+                    format!("{node:?} is not a node name (a host name or an IP address)"),
+                );
+            }
             if let Some(pods) = &service.pods {
                 problems.check(
                     is_dns_label(&pods.namespace),

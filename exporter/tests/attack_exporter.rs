@@ -28,6 +28,7 @@ fn service(name: &str, kind: ServiceKind, url: String) -> ServiceConfig {
         process: None,
         pods: None,
         scope: ServiceScope::Host,
+        node: None,
     }
 }
 

@@ -111,6 +111,7 @@ pub fn discover(docker: &DockerSample) -> Vec<ServiceConfig> {
                 process: None,
                 pods: None,
                 scope: ServiceScope::Host,
+                node: None,
             })
         })
         .collect()
@@ -194,6 +195,8 @@ pub struct ServiceStatus {
     pub kind: Option<ServiceKind>,
     /// A cluster Service (`scope: cluster`): its series say `scope="cluster"`.
     pub cluster: bool,
+    /// The GPU node whose vLLM/Ollama pair it is (`node:`): its series say `node=...`.
+    pub node: Option<String>,
     /// Whether it answered its health request as it should.
     pub up: bool,
     /// How long the health request took.
@@ -228,6 +231,8 @@ struct ServiceLabels {
     kind: &'static str,
     /// `scope="cluster"` for a cluster Service; no label for a host's own.
     cluster: bool,
+    /// `node=...` for one GPU node's pair; no label otherwise.
+    node: Option<String>,
 }
 
 impl EncodeLabelSet for ServiceLabels {
@@ -236,6 +241,9 @@ impl EncodeLabelSet for ServiceLabels {
         ("kind", self.kind).encode(encoder.encode_label())?;
         if self.cluster {
             ("scope", "cluster").encode(encoder.encode_label())?;
+        }
+        if let Some(node) = &self.node {
+            ("node", node.as_str()).encode(encoder.encode_label())?;
         }
         Ok(())
     }
@@ -273,6 +281,7 @@ impl ServiceStatus {
             service: self.name.clone(),
             kind: self.kind_label(),
             cluster: self.cluster,
+            node: self.node.clone(),
         }
     }
 
@@ -739,6 +748,7 @@ impl ServicesCollector {
             name: service.name.clone(),
             kind: Some(service.kind),
             cluster: service.scope == ServiceScope::Cluster,
+            node: service.node.clone(),
             up: probe.health.is_ok(),
             duration: probe.took,
             ..ServiceStatus::default()
@@ -983,6 +993,7 @@ mod tests {
             process: None,
             pods: None,
             scope: ServiceScope::Host,
+            node: None,
         }
     }
 
@@ -1298,8 +1309,12 @@ mod tests {
             cluster,
             ..ServiceStatus::default()
         };
+        let vllm_b = ServiceStatus {
+            node: Some("gpu-b".into()),
+            ..status("vllm-b", true)
+        };
         let sample = ServicesSample {
-            services: vec![status("vllm", true), status("local", false)],
+            services: vec![status("vllm", true), status("local", false), vllm_b],
             ..ServicesSample::default()
         };
         let text = crate::collectors::encode_text(sample);
@@ -1307,14 +1322,23 @@ mod tests {
             r#"aistack_service_up{service="vllm",kind="vllm",scope="cluster"} 0"#,
             r#"aistack_service_up{service="local",kind="vllm"} 0"#,
             r#"aistack_service_probe_duration_seconds{service="vllm",kind="vllm",scope="cluster"} 0"#,
+            r#"aistack_service_up{service="vllm-b",kind="vllm",scope="cluster",node="gpu-b"} 0"#,
         ] {
             assert!(text.contains(want), "{want}\n{text}");
         }
         let config: crate::config::Config = aistack_common::config::parse(
-            "services: [{name: vllm, kind: vllm, url: 'http://vllm.ml.svc:8000', scope: cluster}]",
+            "services: [{name: vllm, kind: vllm, url: 'http://vllm.ml.svc:8000', scope: cluster, node: gpu-b}]",
         )
         .unwrap();
         assert_eq!(config.services[0].scope, ServiceScope::Cluster);
+        assert_eq!(config.services[0].node.as_deref(), Some("gpu-b"));
+        assert!(
+            aistack_common::config::parse::<crate::config::Config>(
+                "services: [{name: vllm, kind: vllm, url: 'http://x:8000', node: 'gpu b'}]",
+            )
+            .is_err(),
+            "a node name no alert can carry"
+        );
     }
 
     #[test]
