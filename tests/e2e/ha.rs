@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use aistack_tests::kubernetes::{FakeKubernetes, Pods};
 use aistack_tests::stub::{StubServer, gpu_report};
-use aistack_tests::{Daemon, binary, get, get_with_token, post_json, wait_for};
+use aistack_tests::{
+    Container, Daemon, Network, binary, docker, get, get_with_token, glibc_image, post_json,
+    wait_for,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "0123456789abcdef";
@@ -426,4 +429,214 @@ fn a_frozen_leader_woken_after_the_takeover_writes_and_does_nothing_more() {
         cluster.api.deployment("ml", "ollama")["spec"]["replicas"] == 0,
         "the old leader's run went no further"
     );
+}
+
+/// The same on the Docker engine, each replica a "node" of its own: two actioner containers
+/// with their own addresses on a test network (`POD_IP` advertised, as the downward API gives
+/// it), the journal a directory both mount (the ReadWriteMany claim), the stand-in API server,
+/// vLLM, Ollama and the exporter on the network's gateway. A webhook sent to the follower's
+/// address is forwarded to the leader's; the leader's container killed (`docker kill`) in the
+/// middle of the failover, the other leads within 15 s and nothing runs twice.
+#[test]
+fn replicas_in_containers_the_leader_killed_mid_failover_and_nothing_runs_twice() {
+    let (network, prefix) = Network::with_subnet("ha");
+    let gateway = network.gateway();
+    let api = FakeKubernetes::start_on(&gateway);
+    api.add_deployment(
+        "ml",
+        "vllm",
+        1,
+        &[("app", "vllm")],
+        Pods {
+            ready_after: Duration::from_secs(20),
+            ..Pods::default()
+        },
+    );
+    api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], Pods::default());
+    api.add_service("ml", "inference", &[("app", "vllm")]);
+    api.add_lease(LEASE.0, LEASE.1);
+    let on_gateway = || StubServer::start_on_nodes(&[&gateway]).0.remove(0);
+    let (vllm, ollama, exporter) = (on_gateway(), on_gateway(), on_gateway());
+    vllm.set("/health", 200, "");
+    ollama.set("/api/tags", 200, r#"{"models":[]}"#);
+    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
+
+    let etc = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    aistack_tests::write_secret(etc.path().join("token"), TOKEN);
+    std::fs::copy(&api.kubeconfig, etc.path().join("kubeconfig")).unwrap();
+    std::fs::write(
+        etc.path().join("actioner.yaml"),
+        format!(
+            r#"
+host: gpu-box
+state_dir: /state
+exporter_url: {exporter}
+auth: {{bearer_token_file: /etc/aistack/token}}
+ha: {{lease: {ns}/{name}}}
+rules:
+  - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
+actions:
+  failover:
+    platform: kubernetes
+    kubernetes: {{namespace: ml, primary: vllm, fallback: ollama, service: inference}}
+    primary_health_url: "{vllm}/health"
+    fallback_health_url: "{ollama}/api/tags"
+    fallback_timeout: 30s
+"#,
+            exporter = exporter.url,
+            ns = LEASE.0,
+            name = LEASE.1,
+            vllm = vllm.url,
+            ollama = ollama.url,
+        ),
+    )
+    .unwrap();
+    let user = {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(state.path()).unwrap();
+        format!("{}:{}", meta.uid(), meta.gid())
+    };
+    let replica = |pod: &str, ip: &str| {
+        let mount = |from: &std::path::Path, to: &str| format!("{}:{to}", from.display());
+        Container::run_image_with(
+            pod,
+            glibc_image(),
+            &[
+                "--network",
+                &network.name,
+                "--ip",
+                ip,
+                "--user",
+                &user,
+                "-e",
+                &format!("POD_NAME={pod}"),
+                "-e",
+                &format!("POD_IP={ip}"),
+                "-e",
+                "KUBECONFIG=/etc/aistack/kubeconfig",
+                "-v",
+                &mount(
+                    &binary("aistack-actioner"),
+                    "/usr/local/bin/aistack-actioner:ro",
+                ),
+                "-v",
+                &mount(etc.path(), "/etc/aistack:ro"),
+                "-v",
+                &mount(state.path(), "/state"),
+            ],
+            &[
+                "/usr/local/bin/aistack-actioner",
+                "--config.file",
+                "/etc/aistack/actioner.yaml",
+                "--web.listen-address",
+                "0.0.0.0:9471",
+                "--log.format",
+                "json",
+            ],
+        )
+    };
+    let (ip_a, ip_b) = (format!("{prefix}.11"), format!("{prefix}.12"));
+    let a = replica("actioner-a", &ip_a);
+    let b = replica("actioner-b", &ip_b);
+    let url = |ip: &str, path: &str| format!("http://{ip}:9471{path}");
+    let ready = |ip: &str| aistack_tests::get_status(&url(ip, "/readyz")) == Some(200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(holder) = cluster_holder(&api) {
+            break holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader; a:\n{}\nb:\n{}",
+            a.logs(),
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (leader, follower, follower_ip) = if first.starts_with("actioner-a_") {
+        (a, b, ip_b.clone())
+    } else {
+        (b, a, ip_a.clone())
+    };
+    let leader_ip = if follower_ip == ip_a { &ip_b } else { &ip_a };
+    wait_for(Duration::from_secs(15), "the leader ready", || {
+        ready(leader_ip).then_some(())
+    });
+    wait_for(Duration::from_secs(15), "the follower alive", || {
+        (aistack_tests::get_status(&url(&follower_ip, "/healthz")) == Some(200)).then_some(())
+    });
+    assert!(!ready(&follower_ip), "only the leader is ready");
+
+    // Sent to the follower's address: forwarded to the leader's, answered by it.
+    let body = json!({
+        "version": "4", "status": "firing", "receiver": "aistack-actioner",
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093", "groupKey": "{}:{}", "truncatedAlerts": 0,
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": "gpu-box:9470", "gpu": "0"},
+            "annotations": {}, "startsAt": "2026-11-22T22:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
+        }]
+    })
+    .to_string();
+    let sent = post_json(&url(&follower_ip, "/api/v1/alerts"), Some(TOKEN), &body);
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let journal_of = |ip: &str| -> Vec<Value> {
+        serde_json::from_str(&get_with_token(&url(ip, "/api/v1/actions?limit=200"), TOKEN).body)
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(10), "the failover started", || {
+        (events(&journal_of(leader_ip), "failover-when-gaming", "started") == 1).then_some(())
+    });
+    wait_for(Duration::from_secs(10), "vLLM told to stop", || {
+        (api.deployment("ml", "vllm")["spec"]["replicas"] == 0).then_some(())
+    });
+
+    // The leader's node dies.
+    let killed = Instant::now();
+    docker(&["kill", &leader.id]);
+    wait_for(Duration::from_secs(20), "the other replica to lead", || {
+        ready(&follower_ip).then_some(())
+    });
+    let took = killed.elapsed();
+    println!(
+        "ha (containers): leader killed -> the other replica ready in {:.2}s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "takeover in {took:?}; the follower's log:\n{}",
+        follower.logs()
+    );
+    let entries = journal_of(&follower_ip);
+    assert_eq!(
+        events(&entries, "failover-when-gaming", "failed"),
+        1,
+        "interrupted, not redone: {entries:#?}"
+    );
+    // Alertmanager's retry reaches the new leader: a duplicate.
+    let again = post_json(&url(&follower_ip, "/api/v1/alerts"), Some(TOKEN), &body);
+    assert_eq!(again.status, 200, "{}", again.body);
+    std::thread::sleep(Duration::from_secs(1));
+    let entries = journal_of(&follower_ip);
+    assert_eq!(
+        events(&entries, "failover-when-gaming", "started"),
+        1,
+        "{entries:#?}"
+    );
+    let scaled = api
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/vllm/scale"))
+        .count();
+    assert_eq!(scaled, 1, "vLLM was told to stop once");
+    drop(leader);
+}
+
+fn cluster_holder(api: &FakeKubernetes) -> Option<String> {
+    api.lease(LEASE.0, LEASE.1)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
 }

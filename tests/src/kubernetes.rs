@@ -503,10 +503,17 @@ pub struct FakeKubernetes {
 }
 
 impl FakeKubernetes {
-    /// Starts it, empty.
+    /// Starts it, empty, on a loopback port.
     pub fn start() -> Self {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// Starts it, empty, on a port of `address` (a test network's gateway, for containers).
+    pub fn start_on(address: &str) -> Self {
         let cluster = Shared::default();
-        let url = crate::serve(
+        let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+        let url = crate::serve_on(
+            listener,
             Router::new()
                 .route(
                     "/apis/apps/v1/namespaces/{ns}/deployments/{name}",

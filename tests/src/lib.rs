@@ -837,7 +837,8 @@ impl Drop for Image {
 }
 
 /// A base image with glibc and nothing else, like distroless/cc: the dynamic loader and the
-/// libraries the binaries (and the stand-in NVML) link, `/etc/passwd` with nonroot (65532), `/tmp`, `/etc/os-release`.
+/// libraries the binaries (and the stand-in NVML) link, the CA bundle, `/etc/passwd` with
+/// nonroot (65532), `/tmp`, `/etc/os-release`.
 pub fn glibc_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
@@ -877,6 +878,13 @@ pub fn glibc_image() -> &'static str {
         .unwrap();
         std::fs::write(etc.join("group"), "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n").unwrap();
         std::fs::copy("/etc/os-release", etc.join("os-release")).unwrap();
+        // The CA bundle distroless/cc carries (rustls reads the system's roots).
+        std::fs::create_dir_all(etc.join("ssl/certs")).unwrap();
+        std::fs::copy(
+            "/etc/ssl/certs/ca-certificates.crt",
+            etc.join("ssl/certs/ca-certificates.crt"),
+        )
+        .expect("the CA bundle (ca-certificates)");
         std::fs::create_dir_all(root.path().join("tmp")).unwrap();
         let tar = Command::new("tar")
             .args(["-C", root.path().to_str().unwrap(), "--owner=0", "--group=0", "-cf", "-", "."])
@@ -996,6 +1004,48 @@ impl Network {
             .output();
         docker(&["network", "create", "--label", "aistack-test=1", &name]);
         Self { name }
+    }
+
+    /// One with a subnet of its own (`172.28.N.0/24`, the first N no other network has), so
+    /// that containers can be given addresses before they start (`--ip`); returns it and the
+    /// subnet's first three octets.
+    pub fn with_subnet(name: &str) -> (Self, String) {
+        let name = format!("aistack-test-{}-{name}", std::process::id());
+        let _ = Command::new("docker")
+            .args(["network", "rm", &name])
+            .output();
+        for n in 0..=255 {
+            let prefix = format!("172.28.{}", (std::process::id() as usize + n) % 256);
+            let created = Command::new("docker")
+                .args([
+                    "network",
+                    "create",
+                    "--label",
+                    "aistack-test=1",
+                    "--subnet",
+                    &format!("{prefix}.0/24"),
+                    "--gateway",
+                    &format!("{prefix}.1"),
+                    &name,
+                ])
+                .output()
+                .expect("docker network create");
+            if created.status.success() {
+                return (Self { name }, prefix);
+            }
+        }
+        panic!("no free subnet in 172.28.0.0/16");
+    }
+
+    /// Its gateway: this machine's address on it.
+    pub fn gateway(&self) -> String {
+        docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            &self.name,
+        ])
     }
 }
 
