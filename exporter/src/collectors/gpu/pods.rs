@@ -288,6 +288,18 @@ mod tests {
                 "5b1c0f7e-0000-4000-8000-000000000004",
                 "dd2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b",
             ),
+            // Read by an exporter in a cgroup namespace of its own (the default on cgroup v2):
+            // paths relative to its own cgroup, another QoS class or the same one.
+            (
+                "0::/../../../kubepods-besteffort.slice/kubepods-besteffort-pod5b1c0f7e_0000_4000_8000_000000000005.slice/cri-containerd-ee2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b.scope\n",
+                "5b1c0f7e-0000-4000-8000-000000000005",
+                "ee2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b",
+            ),
+            (
+                "0::/../../kubepods-burstable-pod5b1c0f7e_0000_4000_8000_000000000006.slice/cri-containerd-ff2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b.scope\n",
+                "5b1c0f7e-0000-4000-8000-000000000006",
+                "ff2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b",
+            ),
         ];
         for (cgroup, uid, id) in cases {
             let pod = parse_pod(cgroup).unwrap_or_else(|| panic!("{cgroup}"));
