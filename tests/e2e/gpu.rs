@@ -729,6 +729,7 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
     let comfy = r#"aistack_gpu_process_memory_bytes{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",name="NVIDIA GeForce RTX 4080 SUPER",pid="6002",process="comfy",kind="compute",container="comfyui",service="",namespace="art",pod="comfyui-0"}"#;
     let body = wait_for_value(&exporter, vllm, 12_884_901_888.0);
     assert_eq!(value(&body, comfy), Some(4_294_967_296.0), "{body}");
+    assert_eq!(value(&body, "aistack_gpu_pods_listed"), Some(1.0), "{body}");
     parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
     // The inference pod is no host workload; the other pod is.
     let api_view = gpu_api(&exporter);
@@ -820,6 +821,68 @@ fn a_service_names_its_pods_by_namespace_and_label_selector() {
         api_view["gpus"][0]["host_workload_processes"],
         serde_json::json!(["python3"]),
         "only the dev pod: {api_view}"
+    );
+}
+
+/// The node's pods cannot be listed (the API server down, or the list refused):
+/// `aistack_gpu_pods_listed` says 0, and a GPU process in a pod the exporter cannot name is no
+/// host workload (it is a Kubernetes workload, vLLM's own maybe), while one on the host is.
+#[test]
+fn pods_that_cannot_be_listed_say_so_and_count_as_no_host_workload() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("roots/t0"), dir.path());
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n  - name: down\n    cluster: {{server: \"http://127.0.0.1:{port}\"}}\nusers:\n  - name: exporter\n    user: {{token: t}}\ncontexts:\n  - name: down\n    context: {{cluster: down, user: exporter}}\ncurrent-context: down\n"
+        ),
+    )
+    .unwrap();
+    for (pid, comm, cgroup) in [
+        (
+            6201,
+            "server",
+            "0::/kubepods/burstable/pod5b1c0f7e-3333-4000-8000-000000000009/ab2b9c0d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b\n",
+        ),
+        (
+            6202,
+            "blender",
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-blender.scope\n",
+        ),
+    ] {
+        let proc = dir.path().join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
+        std::fs::write(proc.join("cmdline"), format!("{comm}\0")).unwrap();
+        std::fs::write(proc.join("cgroup"), cgroup).unwrap();
+    }
+    let mut scenario = recorded("rtx-4080-super.json");
+    scenario["devices"][0]["processes"] = serde_json::json!([
+        {"pid": 6201, "kind": "compute", "used_memory_bytes": 8_589_934_592_u64},
+        {"pid": 6202, "kind": "graphics", "used_memory_bytes": 1_073_741_824_u64}
+    ]);
+    write_scenario(&dir.path().join("scenario.json"), &scenario);
+    let exporter = fake_gpu_exporter(
+        dir.path(),
+        "",
+        "host_workload: {count_unattributed: true}\n",
+        "127.0.0.1:0",
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("NODE_NAME", "gpu-b".as_ref()),
+        ],
+    );
+    let body = wait_for_value(&exporter, "aistack_gpu_pods_listed", 0.0);
+    parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let api_view = gpu_api(&exporter);
+    assert_eq!(
+        api_view["gpus"][0]["host_workload_processes"],
+        serde_json::json!(["blender"]),
+        "{api_view}"
     );
 }
 

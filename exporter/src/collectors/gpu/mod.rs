@@ -318,6 +318,8 @@ pub struct GpuSample {
     pub devices: Vec<GpuDevice>,
     /// Every GPU seen since start (those that no longer answer too), and their XIDs.
     pub health: HealthSnapshot,
+    /// Where the node's pods are listed (Kubernetes): whether the last list succeeded.
+    pub pods_listed: Option<bool>,
 }
 
 impl GpuSample {
@@ -664,6 +666,15 @@ impl EncodeSample for GpuSample {
             None,
             per_gpu(&|d| Some(if d.host_workload_active() { 1.0 } else { 0.0 })),
         )?;
+        if let Some(listed) = self.pods_listed {
+            gauge(
+                encoder,
+                "gpu_pods_listed",
+                "1 when the last list of the node's pods succeeded (Kubernetes: GPU processes in pods are named); 0 when it failed or none has yet.",
+                None,
+                if listed { 1.0 } else { 0.0 },
+            )?;
+        }
         self.encode_health_fields(encoder)?;
         encode_health(encoder, &self.health)
     }
@@ -988,7 +999,7 @@ fn read_and_attribute(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let reading = inner.source.read()?;
-    Ok(attribute_reading(
+    let mut sample = attribute_reading(
         reading,
         attribution,
         &mut inner.identities,
@@ -999,7 +1010,9 @@ fn read_and_attribute(
             pods.and_then(|(pods, discovery)| pod_ref(pods, id, discovery))
                 .or_else(|| container_ref(containers, id, discovery))
         },
-    ))
+    );
+    sample.pods_listed = pods.map(|(index, _)| index.up());
+    Ok(sample)
 }
 
 /// What the docker collector's sample says about the container with full id `id`: its name,
@@ -1067,6 +1080,7 @@ pub fn attribute_reading(
             .unwrap_or_default(),
         devices,
         health: HealthSnapshot::default(),
+        pods_listed: None,
     }
 }
 

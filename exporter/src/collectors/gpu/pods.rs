@@ -100,13 +100,18 @@ pub struct PodContainer {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodIndex {
     by_container: HashMap<String, PodContainer>,
+    /// The last list succeeded (false before the first, and after one that failed).
+    up: bool,
 }
 
 impl PodIndex {
     /// From the API server's pods: each container status's id (`containerd://<id>`,
     /// `cri-o://<id>`, `docker://<id>`) and name, with the image its spec names.
     pub fn from_pods(pods: &[Pod]) -> Self {
-        let mut index = Self::default();
+        let mut index = Self {
+            up: true,
+            ..Self::default()
+        };
         for pod in pods {
             let meta = &pod.metadata;
             let Some(name) = &meta.name else {
@@ -156,6 +161,11 @@ impl PodIndex {
             }
         }
         index
+    }
+
+    /// Whether the last list succeeded (`aistack_gpu_pods_listed`).
+    pub fn up(&self) -> bool {
+        self.up
     }
 
     /// The container with full id `id`.
@@ -219,6 +229,15 @@ pub fn watch_node(node: String) -> Pods {
                         tracing::warn!(collector = "gpu", %node, error = %why, "cannot list the node's pods; keeping the last list");
                         last_error = Some(why);
                     }
+                    tx.send_if_modified(|current| {
+                        let was_up = current.up;
+                        if was_up {
+                            let mut kept = (**current).clone();
+                            kept.up = false;
+                            *current = Arc::new(kept);
+                        }
+                        was_up
+                    });
                 }
             }
             if tx.is_closed() {
