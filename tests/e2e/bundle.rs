@@ -987,6 +987,7 @@ fn the_kubernetes_overlays_render_what_kube_prometheus_stack_selects() {
             };
             for (name, receiver) in [
                 ("AistackActionerDown", "ntfy-direct"),
+                ("AistackActionerNoLeader", "ntfy-direct"),
                 ("AistackActionFailed", "ntfy-direct"),
                 ("AistackWatchdog", "heartbeat"),
                 ("Watchdog", "heartbeat"),
@@ -997,7 +998,7 @@ fn the_kubernetes_overlays_render_what_kube_prometheus_stack_selects() {
                 }
             }
         }
-        assert_eq!(around.len(), 4, "{dir}: routes only for {around:?}");
+        assert_eq!(around.len(), 5, "{dir}: routes only for {around:?}");
         let actioner = receivers
             .iter()
             .find(|r| r["name"] == "actioner")
@@ -1065,6 +1066,10 @@ fn the_shipped_alertmanager_config_routes_around_the_actioner() {
         (
             "ntfy-direct",
             "alertname=AistackActionerDown severity=warning instance=gpu-box:9471",
+        ),
+        (
+            "ntfy-direct",
+            "alertname=AistackActionerNoLeader severity=warning job=aistack-actioner namespace=aistack",
         ),
         (
             "ntfy-direct",
