@@ -168,7 +168,8 @@ impl Policy {
             target: request
                 .target
                 .clone()
-                .filter(|_| self.rules.allowlists().takes_target(request.action)),
+                .filter(|_| self.rules.allowlists().takes_target(request.action))
+                .map(|target| self.node_as_configured(request.action, target)),
             // The global dry_run holds for people too: nothing acts while it is set.
             dry_run: request.dry_run || self.rules.dry_run(),
             cooldown: None,
@@ -176,6 +177,17 @@ impl Policy {
         };
         let verdict = self.check(ledger, batch, key, &plan, Some(request), now);
         (plan, verdict)
+    }
+
+    /// A failover's or failback's node as the config spells it (`GPU-B.` is `gpu-b`).
+    fn node_as_configured(&self, action: ActionKind, target: String) -> String {
+        if !action.moves_backend() {
+            return target;
+        }
+        match self.rules.allowlists().failover_node(&target) {
+            Some(node) => node.clone(),
+            None => target,
+        }
     }
 
     /// Every check, in order; the first that fails says why.
@@ -213,8 +225,8 @@ impl Policy {
         }
         let raw_wake = |r: &Request| r.origin == Origin::Relay && r.target.is_none();
         let takes_target = self.rules.allowlists().takes_target(plan.action);
-        if let Some(request) = request.filter(|r| !raw_wake(r) && takes_target) {
-            match &request.target {
+        if request.is_some_and(|r| !raw_wake(r) && takes_target) {
+            match &plan.target {
                 None => return Err(Skip::NoTarget(plan.action)),
                 Some(t) if !self.rules.allowlists().allows(plan.action, t) => {
                     return Err(Skip::NotAllowlisted(plan.action, t.clone()));

@@ -125,9 +125,15 @@ impl RuleSet {
             }
             _ => named,
         };
-        let Some(target) = target else {
+        let Some(mut target) = target else {
             return Decision::Skip(plan, Skip::NoTarget(rule.action));
         };
+        // A node as the alert spells it, as the config does.
+        if rule.action.moves_backend()
+            && let Some(node) = self.allowlists.failover_node(&target)
+        {
+            target.clone_from(node);
+        }
         if !self.allowlists.allows(rule.action, &target) {
             return Decision::Skip(plan, Skip::NotAllowlisted(rule.action, target));
         }
@@ -322,6 +328,10 @@ actions:
         assert!(
             matches!(&on("gpu-c:9470")[..], [Decision::Skip(_, Skip::NotAllowlisted(_, t))] if t == "gpu-c"),
             "a node without a pair is not acted on"
+        );
+        // The same node spelt otherwise: a trailing dot, capitals.
+        assert!(
+            matches!(&on("GPU-B.:9470")[..], [Decision::Act(p)] if p.target.as_deref() == Some("gpu-b"))
         );
         // A cluster-scoped alert names no node: no pair to move.
         let cluster = r.decide(&alert(

@@ -118,6 +118,18 @@ impl Allowlists {
         !self.failover.is_empty()
     }
 
+    /// The configured node (a key of `actions.failover.nodes`) that `name` spells: the same
+    /// IP address however written (`fd00::7`, `fd00:0::7`), or the same host name in any case
+    /// and with or without its trailing dot (`GPU-B.` is `gpu-b`).
+    pub fn failover_node(&self, name: &str) -> Option<&String> {
+        let canonical = |n: &str| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => n.trim_end_matches('.').to_ascii_lowercase(),
+        };
+        let wanted = canonical(name);
+        self.failover.iter().find(|node| canonical(node) == wanted)
+    }
+
     /// Whether `action` may act on `target`.
     pub fn allows(&self, action: ActionKind, target: &str) -> bool {
         match action {

@@ -296,3 +296,63 @@ fn a_button_runs_once_and_not_after_its_alert_resolved() {
         Err(Skip::Resolved)
     );
 }
+
+/// With a pair per GPU node, a person's failback names the node as the config does, however
+/// it is spelt (capitals, a trailing dot, another way to write an IPv6 address); a node
+/// without a pair, or none at all, is refused.
+#[test]
+fn a_persons_failback_names_its_node_as_the_config_does() {
+    let config: Config = parse(
+        r#"
+exporter_url: "http://{node}:9470"
+actions:
+  failover:
+    platform: kubernetes
+    nodes:
+      gpu-b:
+        kubernetes: {namespace: ml, primary: vllm-b, fallback: ollama-b, service: inference-b}
+        primary_health_url: "http://vllm-b.ml.svc:8000/health"
+        fallback_health_url: "http://ollama-b.ml.svc:11434/api/tags"
+      "fd00::7":
+        kubernetes: {namespace: ml, primary: vllm-c, fallback: ollama-c, service: inference-c}
+        primary_health_url: "http://vllm-c.ml.svc:8000/health"
+        fallback_health_url: "http://ollama-c.ml.svc:11434/api/tags"
+"#,
+    )
+    .unwrap_or_else(|p| panic!("{p:?}"));
+    let policy = Policy::new(
+        RuleSet::new(&config).unwrap(),
+        RepairBudget {
+            max_attempts: 2,
+            window: Duration::from_secs(3600),
+        },
+    );
+    let ledger = Ledger::new(false);
+    let ask = |target: Option<&str>| {
+        let request = Request {
+            action: ActionKind::Failback,
+            target: target.map(str::to_owned),
+            dry_run: false,
+            origin: Origin::Api,
+            once: None,
+        };
+        let key = RunKey::manual(Timestamp::now(), 1);
+        policy.for_request(
+            &ledger,
+            &Tentative::default(),
+            &request,
+            &key,
+            SystemTime::now(),
+        )
+    };
+    for (spelt, configured) in [("GPU-B.", "gpu-b"), ("fd00:0:0::7", "fd00::7")] {
+        let (plan, verdict) = ask(Some(spelt));
+        assert_eq!(verdict, Ok(()), "{spelt}");
+        assert_eq!(plan.target.as_deref(), Some(configured));
+    }
+    assert!(matches!(
+        ask(Some("gpu-c")).1,
+        Err(Skip::NotAllowlisted(..))
+    ));
+    assert!(matches!(ask(None).1, Err(Skip::NoTarget(_))));
+}

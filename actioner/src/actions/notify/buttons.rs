@@ -170,6 +170,11 @@ impl Buttons {
                                 || config.action.moves_backend();
                         about_host.then(|| alert.host()).flatten()
                     });
+                // A failover's or failback's node as the config spells it.
+                let target = target.map(|t| match self.allowlists.failover_node(&t) {
+                    Some(node) if config.action.moves_backend() => node.clone(),
+                    _ => t,
+                });
                 let takes_target = self.allowlists.takes_target(config.action);
                 let allowed = !takes_target
                     || target
