@@ -353,6 +353,31 @@ impl Validate for Config {
                 check_regex(problems, at("process"), pattern, str::to_owned);
             }
         }
+        // A service whose pods all match an earlier one's selector claims none of them: the
+        // first service that claims a process has it.
+        for (j, later) in self.services.iter().enumerate() {
+            let Some(later_pods) = &later.pods else {
+                continue;
+            };
+            let shadow = self.services[..j].iter().find(|earlier| {
+                earlier.pods.as_ref().is_some_and(|pods| {
+                    pods.namespace == later_pods.namespace
+                        && pods
+                            .selector
+                            .iter()
+                            .all(|(k, v)| later_pods.selector.get(k) == Some(v))
+                })
+            });
+            if let Some(earlier) = shadow {
+                problems.push(
+                    format!("services[{j}].pods"),
+                    format!(
+                        "every pod it selects is also {:?}'s, which comes first and claims them: make the selectors tell them apart",
+                        earlier.name
+                    ),
+                );
+            }
+        }
         for (key, patterns) in [
             ("process_patterns", &self.host_workload.process_patterns),
             ("ignore_patterns", &self.host_workload.ignore_patterns),
@@ -437,6 +462,29 @@ mod tests {
         assert!(
             parse::<Config>("services: [{name: llm, kind: vllm, url: 'http://x:8000', pods: {namespace: ml, labels: {}}}]").is_err(),
             "unknown keys are refused"
+        );
+        // A later service whose pods an earlier selector takes already: it would claim none.
+        let err = parse::<Config>(
+            "services:\n\
+             - {name: a, kind: vllm, url: 'http://a:8000', pods: {namespace: ml, selector: {app: vllm}}}\n\
+             - {name: b, kind: vllm, url: 'http://b:8000', pods: {namespace: ml, selector: {app: vllm, node: b}}}\n\
+             - {name: c, kind: vllm, url: 'http://c:8000', pods: {namespace: dev, selector: {app: vllm}}}\n",
+        )
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("services[1].pods"), "{text}");
+        assert!(
+            !text.contains("services[2].pods"),
+            "another namespace: {text}"
+        );
+        assert!(
+            parse::<Config>(
+                "services:\n\
+                 - {name: a, kind: vllm, url: 'http://a:8000', pods: {namespace: ml, selector: {app: vllm-a}}}\n\
+                 - {name: b, kind: vllm, url: 'http://b:8000', pods: {namespace: ml, selector: {app: vllm-b}}}\n",
+            )
+            .is_ok(),
+            "selectors that tell the pods apart"
         );
     }
 
