@@ -5,13 +5,8 @@
 //! failback also checks: with one vLLM/Ollama pair for the cluster, vLLM comes back only when
 //! no GPU node has a game, wherever its Deployment may land.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 /// The placeholder for the node in `exporter_url`.
 pub const NODE: &str = "{node}";
-
-/// Longest node name taken from an alert (a DNS name's limit).
-const MAX_NODE_BYTES: usize = 253;
 
 /// `exporter_url` as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +62,8 @@ impl ExporterUrl {
                 self.base
             )
         })?;
-        let host = url_host(node).ok_or_else(|| format!("{node:?} is not a node name"))?;
+        let host = aistack_common::node::url_host(node)
+            .ok_or_else(|| format!("{node:?} is not a node name"))?;
         Ok(format!("{}{path}", self.base.replace(NODE, &host)))
     }
 
@@ -77,44 +73,9 @@ impl ExporterUrl {
     }
 }
 
-/// Whether `node` can name a node in `exporter_url` (see [`url_host`]).
+/// Whether `node` can name a node in `exporter_url` (see [`aistack_common::node::url_host`]).
 pub fn valid_node(node: &str) -> bool {
-    url_host(node).is_some()
-}
-
-/// `node` as the host of a URL: a DNS name (one trailing dot allowed) or an IPv4 address as it
-/// is, an IPv6 address in brackets; `None` for anything else — a `/`, `@`, `?` or `:` could
-/// point the request elsewhere, and a name that a URL parser would read as a number
-/// (`012.1.1.1`, `2130706433`) is not the address it looks like.
-fn url_host(node: &str) -> Option<String> {
-    if node.is_empty() || node.len() > MAX_NODE_BYTES {
-        return None;
-    }
-    if node.parse::<Ipv4Addr>().is_ok() {
-        return Some(node.to_owned());
-    }
-    let unbracketed = node
-        .strip_prefix('[')
-        .and_then(|n| n.strip_suffix(']'))
-        .unwrap_or(node);
-    if let Ok(v6) = unbracketed.parse::<Ipv6Addr>() {
-        return Some(format!("[{v6}]"));
-    }
-    let name = node.strip_suffix('.').unwrap_or(node);
-    let last = name.rsplit('.').next().unwrap_or_default();
-    if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") {
-        return None;
-    }
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    name.split('.').all(label_ok).then(|| node.to_owned())
+    aistack_common::node::valid(node)
 }
 
 #[cfg(test)]

@@ -226,12 +226,7 @@ impl Actioner {
         );
         let allowlists = config.allowlists();
         for pair in ledger.on_fallback() {
-            let configured = if allowlists.per_node_pairs() {
-                allowlists.failover.contains(pair)
-            } else {
-                pair.is_empty()
-            };
-            if !configured {
+            if !allowlists.has_pair(pair) {
                 let pair = if pair.is_empty() {
                     "the cluster's (actions.failover.kubernetes or docker)"
                 } else {

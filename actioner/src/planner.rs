@@ -278,13 +278,7 @@ impl Planner {
         let pair = skipped.target.clone().unwrap_or_default();
         // Held back under another config (one pair for the cluster then, a pair per node now,
         // or the other way round, or a node since removed): there is no such pair to move.
-        let allowlists = self.policy.rules().allowlists();
-        let configured = if allowlists.per_node_pairs() {
-            allowlists.failover.contains(&pair)
-        } else {
-            pair.is_empty()
-        };
-        if !configured {
+        if !self.policy.rules().allowlists().has_pair(&pair) {
             let skip = if pair.is_empty() {
                 Skip::NoTarget(ActionKind::Failback)
             } else {

@@ -169,7 +169,11 @@ impl Policy {
                 .target
                 .clone()
                 .filter(|_| self.rules.allowlists().takes_target(request.action))
-                .map(|target| self.node_as_configured(request.action, target)),
+                .map(|target| {
+                    self.rules
+                        .allowlists()
+                        .as_configured(request.action, target)
+                }),
             // The global dry_run holds for people too: nothing acts while it is set.
             dry_run: request.dry_run || self.rules.dry_run(),
             cooldown: None,
@@ -177,17 +181,6 @@ impl Policy {
         };
         let verdict = self.check(ledger, batch, key, &plan, Some(request), now);
         (plan, verdict)
-    }
-
-    /// A failover's or failback's node as the config spells it (`GPU-B.` is `gpu-b`).
-    fn node_as_configured(&self, action: ActionKind, target: String) -> String {
-        if !action.moves_backend() {
-            return target;
-        }
-        match self.rules.allowlists().failover_node(&target) {
-            Some(node) => node.clone(),
-            None => target,
-        }
     }
 
     /// Every check, in order; the first that fails says why.

@@ -125,15 +125,11 @@ impl RuleSet {
             }
             _ => named,
         };
-        let Some(mut target) = target else {
+        let Some(target) = target else {
             return Decision::Skip(plan, Skip::NoTarget(rule.action));
         };
         // A node as the alert spells it, as the config does.
-        if rule.action.moves_backend()
-            && let Some(node) = self.allowlists.failover_node(&target)
-        {
-            target.clone_from(node);
-        }
+        let target = self.allowlists.as_configured(rule.action, target);
         if !self.allowlists.allows(rule.action, &target) {
             return Decision::Skip(plan, Skip::NotAllowlisted(rule.action, target));
         }

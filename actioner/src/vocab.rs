@@ -121,13 +121,29 @@ impl Allowlists {
     /// The configured node (a key of `actions.failover.nodes`) that `name` spells: the same
     /// IP address however written (`fd00::7`, `fd00:0::7`), or the same host name in any case
     /// and with or without its trailing dot (`GPU-B.` is `gpu-b`).
-    pub fn failover_node(&self, name: &str) -> Option<&String> {
-        let canonical = |n: &str| match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => ip.to_string(),
-            Err(_) => n.trim_end_matches('.').to_ascii_lowercase(),
-        };
-        let wanted = canonical(name);
-        self.failover.iter().find(|node| canonical(node) == wanted)
+    fn failover_node(&self, name: &str) -> Option<&String> {
+        self.failover
+            .iter()
+            .find(|node| aistack_common::node::same(node, name))
+    }
+
+    /// `target` of `action` as the config spells it: a failover's or failback's node spelt
+    /// otherwise becomes the configured one; anything else stays as it is.
+    pub fn as_configured(&self, action: ActionKind, target: String) -> String {
+        match self.failover_node(&target) {
+            Some(node) if action.moves_backend() => node.clone(),
+            _ => target,
+        }
+    }
+
+    /// Whether the config has the pair `pair`: "" (one pair for the cluster) without
+    /// `actions.failover.nodes`, else one of its nodes.
+    pub fn has_pair(&self, pair: &str) -> bool {
+        if self.per_node_pairs() {
+            self.failover.contains(pair)
+        } else {
+            pair.is_empty()
+        }
     }
 
     /// Whether `action` may act on `target`.

@@ -14,6 +14,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod logging;
 pub mod login1;
+pub mod node;
 pub mod server;
 
 /// Makes ring the process-wide TLS crypto provider (for reqwest's rustls). Idempotent; call

@@ -134,14 +134,6 @@ impl PodSelector {
     }
 }
 
-/// A node's name as alerts carry it: a host name or an IP address.
-fn is_node_name(name: &str) -> bool {
-    (1..=253).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_'))
-}
-
 /// A DNS label (RFC 1123), as namespace names are.
 fn is_dns_label(name: &str) -> bool {
     (1..=63).contains(&name.len())
@@ -330,7 +322,7 @@ impl Validate for Config {
             check_http_url(problems, at("url"), &service.url);
             if let Some(node) = &service.node {
                 problems.check(
-                    is_node_name(node),
+                    aistack_common::node::valid(node),
                     at("node"),
                     format!("{node:?} is not a node name (a host name or an IP address)"),
                 );

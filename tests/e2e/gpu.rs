@@ -42,16 +42,23 @@ fn recorded(name: &str) -> serde_json::Value {
 /// Adds a process to the procfs under `dir` (before [`start`] copies the fixture tree over
 /// it): its `comm`, its command line and a cgroup outside any container.
 fn add_process(dir: &Path, pid: u32, comm: &str, argv: &[&str]) {
+    add_process_in(
+        dir,
+        pid,
+        comm,
+        argv,
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n",
+    );
+}
+
+/// [`add_process`] in the cgroup `cgroup` (a pod's, say): its `/proc/<pid>/cgroup`.
+fn add_process_in(dir: &Path, pid: u32, comm: &str, argv: &[&str], cgroup: &str) {
     let proc = dir.join("proc").join(pid.to_string());
     std::fs::create_dir_all(&proc).unwrap();
     std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
     let cmdline: String = argv.iter().map(|a| format!("{a}\0")).collect();
     std::fs::write(proc.join("cmdline"), cmdline).unwrap();
-    std::fs::write(
-        proc.join("cgroup"),
-        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-steam.scope\n",
-    )
-    .unwrap();
+    std::fs::write(proc.join("cgroup"), cgroup).unwrap();
 }
 
 /// `GET /api/v1/gpu` as JSON.
@@ -703,11 +710,7 @@ fn processes_in_pods_are_named_and_inference_pods_are_services() {
             format!("0::/kubepods/besteffort/pod5b1c0f7e-3333-4000-8000-000000000002/{COMFY_ID}\n"),
         ),
     ] {
-        let proc = dir.path().join("proc").join(pid.to_string());
-        std::fs::create_dir_all(&proc).unwrap();
-        std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
-        std::fs::write(proc.join("cmdline"), format!("{comm}\0/app/server.py\0")).unwrap();
-        std::fs::write(proc.join("cgroup"), cgroup).unwrap();
+        add_process_in(dir.path(), pid, comm, &[comm, "/app/server.py"], &cgroup);
     }
     let mut scenario = recorded("rtx-4080-super.json");
     scenario["devices"][0]["processes"] = serde_json::json!([
@@ -785,15 +788,15 @@ fn a_service_names_its_pods_by_namespace_and_label_selector() {
     let dir = tempfile::tempdir().unwrap();
     copy_tree(&fixtures().join("roots/t0"), dir.path());
     for (pid, id, pod) in [(6101, LLM_ID, 1), (6102, DEV_ID, 2)] {
-        let proc = dir.path().join("proc").join(pid.to_string());
-        std::fs::create_dir_all(&proc).unwrap();
-        std::fs::write(proc.join("comm"), "python3\n").unwrap();
-        std::fs::write(proc.join("cmdline"), "python3\0/app/serve.py\0").unwrap();
-        std::fs::write(
-            proc.join("cgroup"),
-            format!("0::/kubepods/burstable/pod5b1c0f7e-3333-4000-8000-00000000000{pod}/{id}\n"),
-        )
-        .unwrap();
+        let cgroup =
+            format!("0::/kubepods/burstable/pod5b1c0f7e-3333-4000-8000-00000000000{pod}/{id}\n");
+        add_process_in(
+            dir.path(),
+            pid,
+            "python3",
+            &["python3", "/app/serve.py"],
+            &cgroup,
+        );
     }
     let mut scenario = recorded("rtx-4080-super.json");
     scenario["devices"][0]["processes"] = serde_json::json!([
@@ -854,11 +857,7 @@ fn pods_that_cannot_be_listed_say_so_and_count_as_no_host_workload() {
             "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-blender.scope\n",
         ),
     ] {
-        let proc = dir.path().join("proc").join(pid.to_string());
-        std::fs::create_dir_all(&proc).unwrap();
-        std::fs::write(proc.join("comm"), format!("{comm}\n")).unwrap();
-        std::fs::write(proc.join("cmdline"), format!("{comm}\0")).unwrap();
-        std::fs::write(proc.join("cgroup"), cgroup).unwrap();
+        add_process_in(dir.path(), pid, comm, &[comm], cgroup);
     }
     let mut scenario = recorded("rtx-4080-super.json");
     scenario["devices"][0]["processes"] = serde_json::json!([

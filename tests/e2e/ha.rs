@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use aistack_tests::kubernetes::{FakeKubernetes, Pods};
 use aistack_tests::stub::{StubServer, gpu_report};
 use aistack_tests::{
-    Container, Daemon, Network, binary, docker, get, get_with_token, glibc_image, post_json,
+    Container, Daemon, Network, binary, bind, docker, get, get_with_token, glibc_image, post_json,
     wait_for,
 };
 use serde_json::{Value, json};
@@ -22,16 +22,22 @@ const LEASE: (&str, &str) = ("aistack", "aistack-actioner");
 struct Cluster {
     api: FakeKubernetes,
     dir: tempfile::TempDir,
-    _vllm: StubServer,
-    _ollama: StubServer,
-    _exporter: StubServer,
+    vllm: StubServer,
+    ollama: StubServer,
+    exporter: StubServer,
     config: std::path::PathBuf,
 }
 
 /// vLLM serving (its pods take `vllm_stop` to shut down), Ollama at 0, the Lease as shipped,
 /// and one config both replicas read.
 fn cluster(vllm_stop: Duration) -> Cluster {
-    let api = FakeKubernetes::start();
+    cluster_on("127.0.0.1", vllm_stop)
+}
+
+/// [`cluster`] with the stand-in API server, vLLM, Ollama and the exporter on `address` (a
+/// test network's gateway, for replicas in containers).
+fn cluster_on(address: &str, vllm_stop: Duration) -> Cluster {
+    let api = FakeKubernetes::start_on(address);
     api.add_deployment(
         "ml",
         "vllm",
@@ -45,23 +51,38 @@ fn cluster(vllm_stop: Duration) -> Cluster {
     api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], Pods::default());
     api.add_service("ml", "inference", &[("app", "vllm")]);
     api.add_lease(LEASE.0, LEASE.1);
-    let vllm = StubServer::start();
+    let stub = || StubServer::start_on_nodes(&[address]).0.remove(0);
+    let (vllm, ollama, exporter) = (stub(), stub(), stub());
     vllm.set("/health", 200, "");
-    let ollama = StubServer::start();
     ollama.set("/api/tags", 200, r#"{"models":[]}"#);
-    let exporter = StubServer::start();
     exporter.set("/api/v1/gpu", 200, &gpu_report(false));
     let dir = tempfile::tempdir().unwrap();
     aistack_tests::write_secret(dir.path().join("token"), TOKEN);
-    let config = dir.path().join("actioner.yaml");
-    std::fs::write(
-        &config,
+    let cluster = Cluster {
+        api,
+        config: dir.path().join("actioner.yaml"),
+        dir,
+        vllm,
+        ollama,
+        exporter,
+    };
+    let state = cluster.dir.path().join("state");
+    let token = cluster.dir.path().join("token");
+    let text = cluster.config_text(&state.display().to_string(), &token.display().to_string());
+    std::fs::write(&cluster.config, text).unwrap();
+    cluster
+}
+
+impl Cluster {
+    /// The config the replicas read, with the journal in `state_dir` and the token in
+    /// `token_file`.
+    fn config_text(&self, state_dir: &str, token_file: &str) -> String {
         format!(
             r#"
 host: gpu-box
-state_dir: {state}
+state_dir: {state_dir}
 exporter_url: {exporter}
-auth: {{bearer_token_file: {token}}}
+auth: {{bearer_token_file: {token_file}}}
 ha: {{lease: {ns}/{name}}}
 rules:
   - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
@@ -74,23 +95,19 @@ actions:
     fallback_timeout: 30s
     primary_timeout: 4s
 "#,
-            state = dir.path().join("state").display(),
-            exporter = exporter.url,
-            token = dir.path().join("token").display(),
+            exporter = self.exporter.url,
             ns = LEASE.0,
             name = LEASE.1,
-            vllm = vllm.url,
-            ollama = ollama.url,
-        ),
-    )
-    .unwrap();
-    Cluster {
-        api,
-        dir,
-        _vllm: vllm,
-        _ollama: ollama,
-        _exporter: exporter,
-        config,
+            vllm = self.vllm.url,
+            ollama = self.ollama.url,
+        )
+    }
+
+    /// Who holds the Lease.
+    fn holder(&self) -> Option<String> {
+        self.api.lease(LEASE.0, LEASE.1)?["spec"]["holderIdentity"]
+            .as_str()
+            .map(str::to_owned)
     }
 }
 
@@ -112,13 +129,13 @@ fn ready(replica: &Daemon) -> bool {
     get(&replica.url("/readyz")).status == 200
 }
 
-fn holder(cluster: &Cluster) -> Option<String> {
-    cluster.api.lease(LEASE.0, LEASE.1)?["spec"]["holderIdentity"]
-        .as_str()
-        .map(str::to_owned)
+/// Sends the webhook of a game on gpu-box to `replica`; its status.
+fn webhook(replica: &Daemon) -> u16 {
+    webhook_to(&replica.url(""))
 }
 
-fn webhook(replica: &Daemon) -> u16 {
+/// [`webhook`] to the replica at `base` (`http://ADDRESS:PORT`).
+fn webhook_to(base: &str) -> u16 {
     let body = json!({
         "version": "4", "status": "firing", "receiver": "aistack-actioner",
         "groupLabels": {"alertname": "AistackGpuHostWorkload"}, "commonLabels": {}, "commonAnnotations": {},
@@ -133,7 +150,7 @@ fn webhook(replica: &Daemon) -> u16 {
         }]
     });
     post_json(
-        &replica.url("/api/v1/alerts"),
+        &format!("{base}/api/v1/alerts"),
         Some(TOKEN),
         &body.to_string(),
     )
@@ -141,7 +158,12 @@ fn webhook(replica: &Daemon) -> u16 {
 }
 
 fn journal(replica: &Daemon) -> Vec<Value> {
-    serde_json::from_str(&get_with_token(&replica.url("/api/v1/actions?limit=200"), TOKEN).body)
+    journal_at(&replica.url(""))
+}
+
+/// The journal of the replica at `base`, newest first.
+fn journal_at(base: &str) -> Vec<Value> {
+    serde_json::from_str(&get_with_token(&format!("{base}/api/v1/actions?limit=200"), TOKEN).body)
         .unwrap_or_default()
 }
 
@@ -158,7 +180,7 @@ fn the_leader_killed_mid_failover_is_replaced_within_15s_and_nothing_runs_twice(
     let cluster = cluster(Duration::from_secs(20));
     let a = replica(&cluster, "actioner-a");
     let b = replica(&cluster, "actioner-b");
-    let first = wait_for(Duration::from_secs(15), "a leader", || holder(&cluster));
+    let first = wait_for(Duration::from_secs(15), "a leader", || cluster.holder());
     let (leader, follower) = if first.starts_with("actioner-a_") {
         (a, b)
     } else {
@@ -222,7 +244,7 @@ fn the_leader_killed_mid_failover_is_replaced_within_15s_and_nothing_runs_twice(
         events(&journal(&leader), "failover-when-gaming", "succeeded"),
         0
     );
-    let old = holder(&cluster).unwrap();
+    let old = cluster.holder().unwrap();
 
     // The leader's node dies mid-action.
     let killed = Instant::now();
@@ -236,7 +258,7 @@ fn the_leader_killed_mid_failover_is_replaced_within_15s_and_nothing_runs_twice(
         took.as_secs_f64()
     );
     assert!(took < Duration::from_secs(15), "takeover in {took:?}");
-    let new = holder(&cluster).unwrap();
+    let new = cluster.holder().unwrap();
     assert_ne!(new, old);
     let lease = cluster.api.lease(LEASE.0, LEASE.1).unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
@@ -311,7 +333,7 @@ fn a_leader_stopped_cleanly_hands_over_at_once() {
         took < Duration::from_secs(5),
         "the lease was given up, not left to expire: {took:?}"
     );
-    assert!(holder(&cluster).unwrap().starts_with("actioner-b_"));
+    assert!(cluster.holder().unwrap().starts_with("actioner-b_"));
 }
 
 /// The API server stops answering: the leader cannot renew, and ends itself within the renew
@@ -349,7 +371,7 @@ fn a_leader_that_cannot_renew_steps_down_before_the_lease_expires() {
     wait_for(Duration::from_secs(15), "b leading", || {
         ready(&b).then_some(())
     });
-    assert!(holder(&cluster).unwrap().starts_with("actioner-b_"));
+    assert!(cluster.holder().unwrap().starts_with("actioner-b_"));
 }
 
 /// The leader frozen (SIGSTOP: a paused VM, a node stalled in swap) in the middle of a
@@ -364,7 +386,7 @@ fn a_frozen_leader_woken_after_the_takeover_writes_and_does_nothing_more() {
     let cluster = cluster(Duration::from_secs(6));
     let a = replica(&cluster, "actioner-a");
     let b = replica(&cluster, "actioner-b");
-    let first = wait_for(Duration::from_secs(15), "a leader", || holder(&cluster));
+    let first = wait_for(Duration::from_secs(15), "a leader", || cluster.holder());
     let (mut leader, follower) = if first.starts_with("actioner-a_") {
         (a, b)
     } else {
@@ -440,65 +462,18 @@ fn a_frozen_leader_woken_after_the_takeover_writes_and_does_nothing_more() {
 #[test]
 fn replicas_in_containers_the_leader_killed_mid_failover_and_nothing_runs_twice() {
     let (network, prefix) = Network::with_subnet("ha");
-    let gateway = network.gateway();
-    let api = FakeKubernetes::start_on(&gateway);
-    api.add_deployment(
-        "ml",
-        "vllm",
-        1,
-        &[("app", "vllm")],
-        Pods {
-            ready_after: Duration::from_secs(20),
-            ..Pods::default()
-        },
-    );
-    api.add_deployment("ml", "ollama", 0, &[("app", "ollama")], Pods::default());
-    api.add_service("ml", "inference", &[("app", "vllm")]);
-    api.add_lease(LEASE.0, LEASE.1);
-    let on_gateway = || StubServer::start_on_nodes(&[&gateway]).0.remove(0);
-    let (vllm, ollama, exporter) = (on_gateway(), on_gateway(), on_gateway());
-    vllm.set("/health", 200, "");
-    ollama.set("/api/tags", 200, r#"{"models":[]}"#);
-    exporter.set("/api/v1/gpu", 200, &gpu_report(false));
-
+    let cluster = cluster_on(&network.gateway(), Duration::from_secs(20));
     let etc = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     aistack_tests::write_secret(etc.path().join("token"), TOKEN);
-    std::fs::copy(&api.kubeconfig, etc.path().join("kubeconfig")).unwrap();
+    std::fs::copy(&cluster.api.kubeconfig, etc.path().join("kubeconfig")).unwrap();
     std::fs::write(
         etc.path().join("actioner.yaml"),
-        format!(
-            r#"
-host: gpu-box
-state_dir: /state
-exporter_url: {exporter}
-auth: {{bearer_token_file: /etc/aistack/token}}
-ha: {{lease: {ns}/{name}}}
-rules:
-  - {{name: failover-when-gaming, match: {{alertname: AistackGpuHostWorkload}}, on: firing, action: failover}}
-actions:
-  failover:
-    platform: kubernetes
-    kubernetes: {{namespace: ml, primary: vllm, fallback: ollama, service: inference}}
-    primary_health_url: "{vllm}/health"
-    fallback_health_url: "{ollama}/api/tags"
-    fallback_timeout: 30s
-"#,
-            exporter = exporter.url,
-            ns = LEASE.0,
-            name = LEASE.1,
-            vllm = vllm.url,
-            ollama = ollama.url,
-        ),
+        cluster.config_text("/state", "/etc/aistack/token"),
     )
     .unwrap();
-    let user = {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(state.path()).unwrap();
-        format!("{}:{}", meta.uid(), meta.gid())
-    };
+    let user = aistack_tests::owner_of(state.path());
     let replica = |pod: &str, ip: &str| {
-        let mount = |from: &std::path::Path, to: &str| format!("{}:{to}", from.display());
         Container::run_image_with(
             pod,
             glibc_image(),
@@ -516,14 +491,14 @@ actions:
                 "-e",
                 "KUBECONFIG=/etc/aistack/kubeconfig",
                 "-v",
-                &mount(
+                &bind(
                     &binary("aistack-actioner"),
                     "/usr/local/bin/aistack-actioner:ro",
                 ),
                 "-v",
-                &mount(etc.path(), "/etc/aistack:ro"),
+                &bind(etc.path(), "/etc/aistack:ro"),
                 "-v",
-                &mount(state.path(), "/state"),
+                &bind(state.path(), "/state"),
             ],
             &[
                 "/usr/local/bin/aistack-actioner",
@@ -536,69 +511,50 @@ actions:
             ],
         )
     };
-    let (ip_a, ip_b) = (format!("{prefix}.11"), format!("{prefix}.12"));
-    let a = replica("actioner-a", &ip_a);
-    let b = replica("actioner-b", &ip_b);
-    let url = |ip: &str, path: &str| format!("http://{ip}:9471{path}");
-    let ready = |ip: &str| aistack_tests::get_status(&url(ip, "/readyz")) == Some(200);
+    let replicas = [
+        ("actioner-a", format!("{prefix}.11")),
+        ("actioner-b", format!("{prefix}.12")),
+    ]
+    .map(|(pod, ip)| (pod, replica(pod, &ip), format!("http://{ip}:9471")));
+    let ready = |base: &str| aistack_tests::get_status(&format!("{base}/readyz")) == Some(200);
     let deadline = Instant::now() + Duration::from_secs(20);
     let first = loop {
-        if let Some(holder) = cluster_holder(&api) {
+        if let Some(holder) = cluster.holder() {
             break holder;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no leader; a:\n{}\nb:\n{}",
-            a.logs(),
-            b.logs()
-        );
+        let logs: Vec<String> = replicas.iter().map(|(_, c, _)| c.logs()).collect();
+        assert!(Instant::now() < deadline, "no leader; logs:\n{logs:#?}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let (leader, follower, follower_ip) = if first.starts_with("actioner-a_") {
-        (a, b, ip_b.clone())
-    } else {
-        (b, a, ip_a.clone())
-    };
-    let leader_ip = if follower_ip == ip_a { &ip_b } else { &ip_a };
+    let [one, other] = replicas;
+    let ((_, leader, leader_url), (_, follower, follower_url)) =
+        if first.starts_with(&format!("{}_", one.0)) {
+            (one, other)
+        } else {
+            (other, one)
+        };
     wait_for(Duration::from_secs(15), "the leader ready", || {
-        ready(leader_ip).then_some(())
+        ready(&leader_url).then_some(())
     });
     wait_for(Duration::from_secs(15), "the follower alive", || {
-        (aistack_tests::get_status(&url(&follower_ip, "/healthz")) == Some(200)).then_some(())
+        (aistack_tests::get_status(&format!("{follower_url}/healthz")) == Some(200)).then_some(())
     });
-    assert!(!ready(&follower_ip), "only the leader is ready");
+    assert!(!ready(&follower_url), "only the leader is ready");
 
     // Sent to the follower's address: forwarded to the leader's, answered by it.
-    let body = json!({
-        "version": "4", "status": "firing", "receiver": "aistack-actioner",
-        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
-        "externalURL": "http://alertmanager:9093", "groupKey": "{}:{}", "truncatedAlerts": 0,
-        "alerts": [{
-            "status": "firing",
-            "labels": {"alertname": "AistackGpuHostWorkload", "severity": "info", "instance": "gpu-box:9470", "gpu": "0"},
-            "annotations": {}, "startsAt": "2026-11-22T22:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
-            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "4f1c9b5a0e2d7c36"
-        }]
-    })
-    .to_string();
-    let sent = post_json(&url(&follower_ip, "/api/v1/alerts"), Some(TOKEN), &body);
-    assert_eq!(sent.status, 200, "{}", sent.body);
-    let journal_of = |ip: &str| -> Vec<Value> {
-        serde_json::from_str(&get_with_token(&url(ip, "/api/v1/actions?limit=200"), TOKEN).body)
-            .unwrap_or_default()
-    };
+    assert_eq!(webhook_to(&follower_url), 200);
     wait_for(Duration::from_secs(10), "the failover started", || {
-        (events(&journal_of(leader_ip), "failover-when-gaming", "started") == 1).then_some(())
+        (events(&journal_at(&leader_url), "failover-when-gaming", "started") == 1).then_some(())
     });
     wait_for(Duration::from_secs(10), "vLLM told to stop", || {
-        (api.deployment("ml", "vllm")["spec"]["replicas"] == 0).then_some(())
+        (cluster.api.deployment("ml", "vllm")["spec"]["replicas"] == 0).then_some(())
     });
 
     // The leader's node dies.
     let killed = Instant::now();
     docker(&["kill", &leader.id]);
     wait_for(Duration::from_secs(20), "the other replica to lead", || {
-        ready(&follower_ip).then_some(())
+        ready(&follower_url).then_some(())
     });
     let took = killed.elapsed();
     println!(
@@ -610,33 +566,26 @@ actions:
         "takeover in {took:?}; the follower's log:\n{}",
         follower.logs()
     );
-    let entries = journal_of(&follower_ip);
+    let entries = journal_at(&follower_url);
     assert_eq!(
         events(&entries, "failover-when-gaming", "failed"),
         1,
         "interrupted, not redone: {entries:#?}"
     );
     // Alertmanager's retry reaches the new leader: a duplicate.
-    let again = post_json(&url(&follower_ip, "/api/v1/alerts"), Some(TOKEN), &body);
-    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(webhook_to(&follower_url), 200);
     std::thread::sleep(Duration::from_secs(1));
-    let entries = journal_of(&follower_ip);
+    let entries = journal_at(&follower_url);
     assert_eq!(
         events(&entries, "failover-when-gaming", "started"),
         1,
         "{entries:#?}"
     );
-    let scaled = api
+    let scaled = cluster
+        .api
         .patches()
         .iter()
         .filter(|p| p.path.ends_with("/vllm/scale"))
         .count();
     assert_eq!(scaled, 1, "vLLM was told to stop once");
-    drop(leader);
-}
-
-fn cluster_holder(api: &FakeKubernetes) -> Option<String> {
-    api.lease(LEASE.0, LEASE.1)?["spec"]["holderIdentity"]
-        .as_str()
-        .map(str::to_owned)
 }

@@ -676,7 +676,12 @@ actions:
             },
         )
     };
-    let replicas = |name: &str| setup.api.deployment("ml", name)["spec"]["replicas"].clone();
+    // Node i's pair: vLLM's replicas, and whose pods the clients' Service selects.
+    let pair = |i: usize| {
+        let vllm = setup.api.deployment("ml", &format!("vllm-{i}"));
+        let service = setup.api.selector("ml", &format!("inference-{i}"));
+        (vllm["spec"]["replicas"].clone(), service["app"].clone())
+    };
     let state = || -> serde_json::Value {
         serde_json::from_str(&get_with_token(&setup.actioner.url("/api/v1/state"), TOKEN).body)
             .unwrap()
@@ -692,16 +697,8 @@ actions:
     );
     let end = ended("failover-when-gaming", b);
     assert_eq!(end["event"], "succeeded", "{end}");
-    assert_eq!(replicas("vllm-1"), 0);
-    assert_eq!(
-        setup.api.selector("ml", "inference-1"),
-        json!({"app": "ollama-1"})
-    );
-    assert_eq!(replicas("vllm-0"), 1, "A's pair is not B's");
-    assert_eq!(
-        setup.api.selector("ml", "inference-0"),
-        json!({"app": "vllm-0"})
-    );
+    assert_eq!(pair(1), (json!(0), json!("ollama-1")));
+    assert_eq!(pair(0), (json!(1), json!("vllm-0")), "A's pair is not B's");
     let now = state();
     assert_eq!(
         now["nodes"][&b.address]["inference_backend"], "fallback",
@@ -732,7 +729,7 @@ actions:
     );
     let end = ended("failover-when-gaming", a);
     assert_eq!(end["event"], "succeeded", "{end}");
-    assert_eq!(replicas("vllm-0"), 0);
+    assert_eq!(pair(0), (json!(0), json!("ollama-0")));
 
     // A person asks to fail B back while B's game runs: B's own exporter says no.
     let body = format!(r#"{{"target": "{}"}}"#, b.address);
@@ -754,12 +751,12 @@ actions:
     );
     let end = ended("failback", b);
     assert_eq!(end["event"], "succeeded", "{end}");
-    assert_eq!(replicas("vllm-1"), 1);
+    assert_eq!(pair(1), (json!(1), json!("vllm-1")));
     assert_eq!(
-        setup.api.selector("ml", "inference-1"),
-        json!({"app": "vllm-1"})
+        pair(0),
+        (json!(0), json!("ollama-0")),
+        "A's pair stays on its fallback"
     );
-    assert_eq!(replicas("vllm-0"), 0, "A's pair stays on its fallback");
     let now = state();
     assert_eq!(
         now["nodes"][&b.address]["inference_backend"], "primary",

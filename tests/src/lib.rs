@@ -337,6 +337,20 @@ pub fn fake_gpu_exporter(
     )
 }
 
+/// `docker run -v`'s argument: `from` on this machine at `to` (with `:ro`, say) in the
+/// container.
+pub fn bind(from: &Path, to: &str) -> String {
+    format!("{}:{to}", from.display())
+}
+
+/// `uid:gid` of `path`'s owner, for `docker run --user`: a container writes what the test
+/// can read and clean up.
+pub fn owner_of(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).unwrap();
+    format!("{}:{}", meta.uid(), meta.gid())
+}
+
 /// The exporter in a container of `network` — a GPU node of its own address — with the
 /// stand-in NVML answering from `dir/scenario.json`, its procfs and sysfs `dir/proc` and
 /// `dir/sys`, its state in `dir/state`, and `config` (YAML lines) after the `gpu:` line; on
@@ -353,12 +367,7 @@ pub fn fake_gpu_exporter_container(
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("state")).unwrap();
-    let mount = |from: &Path, to: &str| format!("{}:{to}", from.display());
-    let user = {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(dir).unwrap();
-        format!("{}:{}", meta.uid(), meta.gid())
-    };
+    let user = owner_of(dir);
     let container = Container::run_image_with(
         name,
         glibc_image(),
@@ -368,14 +377,14 @@ pub fn fake_gpu_exporter_container(
             "--user",
             &user,
             "-v",
-            &mount(
+            &bind(
                 &binary("aistack-exporter"),
                 "/usr/local/bin/aistack-exporter:ro",
             ),
             "-v",
-            &mount(&fake_nvml_library(), "/opt/aistack/libfake_nvml.so:ro"),
+            &bind(&fake_nvml_library(), "/opt/aistack/libfake_nvml.so:ro"),
             "-v",
-            &mount(dir, "/node"),
+            &bind(dir, "/node"),
             "-e",
             "FAKE_NVML_SCENARIO=/node/scenario.json",
             "-e",

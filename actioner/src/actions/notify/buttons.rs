@@ -170,11 +170,7 @@ impl Buttons {
                                 || config.action.moves_backend();
                         about_host.then(|| alert.host()).flatten()
                     });
-                // A failover's or failback's node as the config spells it.
-                let target = target.map(|t| match self.allowlists.failover_node(&t) {
-                    Some(node) if config.action.moves_backend() => node.clone(),
-                    _ => t,
-                });
+                let target = target.map(|t| self.allowlists.as_configured(config.action, t));
                 let takes_target = self.allowlists.takes_target(config.action);
                 let allowed = !takes_target
                     || target
