@@ -13,11 +13,13 @@
 //! every call to the API server is cut at that deadline, however the network stalls. Another
 //! replica takes over only `lease_duration` after it *received* that renewal: the old leader
 //! has stopped at least a third of a lease duration before, so two replicas never act at once.
-//! An action cut short is journaled as interrupted by the next leader, which reads the same
+//! A leader that was frozen or suspended past that deadline writes and calls nothing when it
+//! wakes ([`crate::fence`]). An action cut short is journaled as interrupted by the next leader, which reads the same
 //! journal (shared storage) and never runs it again.
 //!
-//! Every replica is ready and may receive webhooks, API calls and button presses (a Service,
-//! a PodDisruptionBudget and rolling updates work as usual): a follower forwards them to the
+//! Every replica is ready (its readiness probe is `/healthz`) and may receive webhooks, API
+//! calls and button presses (a Service, a PodDisruptionBudget and rolling updates work as
+//! usual): a follower forwards them to the
 //! leader's address, which the leader writes on the Lease (annotation `aistack.io/leader-url`),
 //! and answers what the leader answered; with no leader known it answers 503, and
 //! Alertmanager retries. A follower serves its own `/healthz` and `/metrics`
